@@ -1,0 +1,23 @@
+"""flex_model: full, unsharded activations and gradients of sharded models, through hooks.
+
+``FlexModel`` wraps any ``nn.Module``; ``HookFunction`` names a submodule
+and an editing function. See README.md for the map of the package.
+"""
+from torch import nn
+
+from flex_model.collectives import HookFailure
+from flex_model.flex_model import FlexModel, HookHandle
+from flex_model.hook_function import EditingFunction, HookFunction, Shard, ShardwiseEdit
+from flex_model.layout import FAIRSCALE_ORDER, MEGATRON_ORDER, ParallelLayout
+
+
+class DummyModule(nn.Module):
+    """An identity module: place it anywhere in a model to get a hook point there."""
+
+    def forward(self, x):
+        return x
+
+
+__all__ = ["FlexModel", "HookFunction", "HookHandle", "DummyModule", "EditingFunction", "ShardwiseEdit", "Shard",
+           "ParallelLayout", "FAIRSCALE_ORDER", "MEGATRON_ORDER", "HookFailure"]
+__version__ = "0.2.0"

@@ -1,0 +1,225 @@
+"""Collectives of one hook firing over a pipeline stage's dp × tp ranks.
+
+All traffic of a firing goes through the stage's root (dp 0, tp 0):
+
+- ``exchange_headers``: every rank's local shape and error status (an
+  all-gather of a small int64 header), so an error on any rank surfaces on
+  every rank before anyone waits on data.
+- ``gather_to_root``: pieces → full tensor on the root. Input placement:
+  each rank's local piece per ``Placement``; output: the full tensor on the
+  root, None elsewhere. Replicated pieces are taken from tp rank 0 (and dp
+  rank 0) only; ``dp_mean`` pieces are averaged.
+- ``scatter_from_root``: full tensor on the root → each rank's piece (the
+  inverse of the gather; replicated dims are copied to every rank).
+- ``broadcast_status``: the root's verdict after running the editing
+  function (ok / unchanged / failed, with the error text).
+- ``ScatterEdit``: the autograd function that scatters the root's edited
+  tensor. Forward: root's full ``y = edit(x_full)`` → every rank's piece of
+  ``y``. Backward: gather the pieces' gradients to the root (replicated
+  pieces from tp rank 0: their gradients are replicated, as in
+  Megatron/DTensor), back-propagate through the edit's graph on the root
+  (trainable modules get their ``.grad`` there), scatter ``d x_full`` back as
+  pieces. On one process none of this runs: the edit stays in the graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from flex_model.placement import Placement
+
+MAX_DIMS = 8
+MSG_INTS = 40  # 320 bytes of error text
+HEADER_INTS = 2 + MAX_DIMS + MSG_INTS
+OK, FAILED, UNCHANGED = 0, 1, 2
+
+
+class HookFailure(RuntimeError):
+    """Raised on the ranks whose hook did not fail, when another rank's did."""
+
+
+@dataclass(frozen=True)
+class StagePeers:
+    """The ranks of one pipeline stage, ordered by (dp, tp); index 0 is the root."""
+
+    group: dist.ProcessGroup
+    ranks: Tuple[int, ...]
+    dp: int
+    tp: int
+    me: int  # this rank's index in ``ranks``
+
+    @property
+    def is_root(self) -> bool:
+        return self.me == 0
+
+    def coords(self, index: int) -> Tuple[int, int]:
+        return divmod(index, self.tp)
+
+    def is_source(self, index: int, placement: Placement) -> bool:
+        dp_i, tp_i = self.coords(index)
+        keep_dp = placement.dp_dim is not None or placement.dp_mean or dp_i == 0
+        return keep_dp and (placement.tp_dim is not None or tp_i == 0)
+
+
+# -- headers and status ---------------------------------------------------------
+def _header(status: int, shape: Sequence[int], message: str, device: torch.device) -> torch.Tensor:
+    text = message.encode("utf-8", "replace")[: MSG_INTS * 8].ljust(MSG_INTS * 8, b"\0")
+    dims = list(shape)[:MAX_DIMS] + [0] * (MAX_DIMS - len(shape))
+    head = torch.tensor([status, len(shape), *dims], dtype=torch.int64)
+    body = torch.frombuffer(bytearray(text), dtype=torch.int64)
+    return torch.cat([head, body]).to(device)
+
+
+def _parse(header: torch.Tensor) -> Tuple[int, Tuple[int, ...], str]:
+    values = header.cpu()
+    ndim = int(values[1])
+    text = values[2 + MAX_DIMS:].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace")
+    return int(values[0]), tuple(int(d) for d in values[2:2 + ndim]), text
+
+
+def exchange_headers(peers: StagePeers, shape: Sequence[int], error: Optional[BaseException],
+                     device: torch.device, hook_name: str) -> List[Tuple[int, ...]]:
+    """Every rank's local shape; raises on every rank if any rank reported an error."""
+    if len(shape) > MAX_DIMS:
+        error = error or ValueError(f"hook values have at most {MAX_DIMS} dims, got {len(shape)}")
+    mine = _header(FAILED if error else OK, () if error else shape, _describe(error), device)
+    out = [torch.empty_like(mine) for _ in peers.ranks]
+    dist.all_gather(out, mine, group=peers.group)
+    parsed = [_parse(h) for h in out]
+    failed = [(peers.ranks[i], text) for i, (status, _, text) in enumerate(parsed) if status == FAILED]
+    if error is not None:
+        raise error
+    if failed:
+        rank, text = failed[0]
+        raise HookFailure(f'hook "{hook_name}" failed on rank {rank}: {text}')
+    return [s for _, s, _ in parsed]
+
+
+def broadcast_status(peers: StagePeers, status: int, error: Optional[BaseException], device: torch.device,
+                     hook_name: str, flag: int = 0) -> Tuple[int, int]:
+    """The root's ``(status, flag)`` on every rank; a failure raises on every rank."""
+    header = _header(status, (flag,), _describe(error), device)
+    dist.broadcast(header, src=peers.ranks[0], group=peers.group)
+    status, (flag,), text = _parse(header)
+    if status == FAILED:
+        if error is not None:
+            raise error
+        raise HookFailure(f'hook "{hook_name}" failed on rank {peers.ranks[0]}: {text}')
+    return status, flag
+
+
+def _describe(error: Optional[BaseException]) -> str:
+    return "" if error is None else f"{type(error).__name__}: {error}"
+
+
+# -- data ------------------------------------------------------------------------
+def gather_to_root(peers: StagePeers, local: torch.Tensor, placement: Placement,
+                   shapes: List[Tuple[int, ...]]) -> Optional[torch.Tensor]:
+    """Pieces → the full tensor on the root (None on other ranks)."""
+    sources = [i for i in range(len(peers.ranks)) if peers.is_source(i, placement)]
+    if not peers.is_root:
+        if peers.me in sources:
+            dist.send(local.contiguous(), dst=peers.ranks[0], group=peers.group)
+        return None
+    pieces = {0: local}
+    requests = []
+    for i in sources[1:]:
+        pieces[i] = torch.empty(shapes[i], dtype=local.dtype, device=local.device)
+        requests.append(dist.irecv(pieces[i], src=peers.ranks[i], group=peers.group))
+    for request in requests:
+        request.wait()
+    rows = []
+    for d in range(peers.dp if placement.dp_dim is not None or placement.dp_mean else 1):
+        row = [pieces[d * peers.tp + t] for t in range(peers.tp if placement.tp_dim is not None else 1)]
+        rows.append(torch.cat(row, placement.tp_dim) if len(row) > 1 else row[0])
+    if placement.dp_mean:
+        return torch.stack(rows).mean(0)
+    return torch.cat(rows, placement.dp_dim) if len(rows) > 1 else rows[0]
+
+
+def split_pieces(full: torch.Tensor, peers: StagePeers, placement: Placement,
+                 shapes: List[Tuple[int, ...]]) -> List[torch.Tensor]:
+    """The piece of ``full`` that each stage rank holds (views)."""
+    pieces = []
+    for i in range(len(peers.ranks)):
+        dp_i, tp_i = peers.coords(i)
+        piece = full
+        if placement.dp_dim is not None:
+            start = sum(shapes[d * peers.tp][placement.dp_dim] for d in range(dp_i))
+            piece = piece.narrow(placement.dp_dim, start, shapes[i][placement.dp_dim])
+        if placement.tp_dim is not None:
+            size = shapes[i][placement.tp_dim]
+            piece = piece.narrow(placement.tp_dim, tp_i * size, size)
+        pieces.append(piece)
+    return pieces
+
+
+def scatter_from_root(peers: StagePeers, full: Optional[torch.Tensor], placement: Placement,
+                      shapes: List[Tuple[int, ...]], like: torch.Tensor) -> torch.Tensor:
+    """The full tensor on the root → this rank's piece (shaped and typed like ``like``)."""
+    if not peers.is_root:
+        out = torch.empty(shapes[peers.me], dtype=like.dtype, device=like.device)
+        dist.recv(out, src=peers.ranks[0], group=peers.group)
+        return out
+    pieces = split_pieces(full, peers, placement, shapes)
+    requests = [dist.isend(pieces[i].contiguous(), dst=peers.ranks[i], group=peers.group)
+                for i in range(1, len(pieces))]
+    for request in requests:
+        request.wait()
+    return pieces[0].contiguous()
+
+
+def broadcast_full(peers: StagePeers, full: Optional[torch.Tensor], shape: Tuple[int, ...],
+                   like: torch.Tensor) -> torch.Tensor:
+    """The root's full tensor on every stage rank (for ``store="all"``)."""
+    if full is None:
+        full = torch.empty(shape, dtype=like.dtype, device=like.device)
+    full = full.contiguous()
+    dist.broadcast(full, src=peers.ranks[0], group=peers.group)
+    return full
+
+
+def full_shape(shapes: List[Tuple[int, ...]], peers: StagePeers, placement: Placement) -> Tuple[int, ...]:
+    shape = list(shapes[0])
+    if placement.tp_dim is not None:
+        shape[placement.tp_dim] *= peers.tp
+    if placement.dp_dim is not None:
+        shape[placement.dp_dim] = sum(shapes[d * peers.tp][placement.dp_dim] for d in range(peers.dp))
+    return tuple(shape)
+
+
+# -- the autograd function -------------------------------------------------------------
+@dataclass
+class EditedOnRoot:
+    """What a ``ScatterEdit`` needs: the stage, the placement, and on the root the edit's graph."""
+
+    peers: StagePeers
+    placement: Placement
+    shapes: List[Tuple[int, ...]]
+    leaf: Optional[torch.Tensor] = None  # root: the full input, a leaf of the edit's graph
+    edited: Optional[torch.Tensor] = None  # root: edit(leaf)
+
+
+class ScatterEdit(torch.autograd.Function):
+    """Pieces of the root's edited tensor; see the module docstring for forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x_local: torch.Tensor, anchor: torch.Tensor, job: EditedOnRoot) -> torch.Tensor:
+        ctx.job = job
+        full = job.edited.detach() if job.peers.is_root else None
+        return scatter_from_root(job.peers, full, job.placement, job.shapes, x_local)
+
+    @staticmethod
+    def backward(ctx, grad_local: torch.Tensor):
+        job: EditedOnRoot = ctx.job
+        grad_full = gather_to_root(job.peers, grad_local.contiguous(), job.placement, job.shapes)
+        grad_x = None
+        if job.peers.is_root:
+            if job.edited.requires_grad:
+                torch.autograd.backward(job.edited, grad_full, retain_graph=True)
+            grad_x = job.leaf.grad if job.leaf.grad is not None else torch.zeros_like(job.leaf)
+            job.leaf.grad = None
+        return scatter_from_root(job.peers, grad_x, job.placement, job.shapes, grad_local), None, None

@@ -1,0 +1,60 @@
+"""Pipeline parallel: ship what non-owner stages captured to the owner's ``output_dict``.
+
+Each stage's root queues its captures during the forward; ``ship_to_owner``
+(a collective over the stage roots) moves them, in stage order, as raw bytes
+with a small header per tensor (name, dtype, shape), so fp32/fp16/bf16 all
+travel over gloo and NCCL alike.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+          torch.int8, torch.uint8, torch.bool]
+
+
+def _send_entries(entries: List[Tuple[str, torch.Tensor]], dst: int, group: dist.ProcessGroup) -> None:
+    dist.send(torch.tensor([len(entries)]), dst=dst, group=group)
+    for name, tensor in entries:
+        name_bytes = torch.frombuffer(bytearray(name.encode()), dtype=torch.uint8)
+        meta = torch.tensor([len(name_bytes), DTYPES.index(tensor.dtype), tensor.ndim, *tensor.shape])
+        dist.send(torch.tensor([meta.numel()]), dst=dst, group=group)
+        dist.send(meta, dst=dst, group=group)
+        dist.send(name_bytes, dst=dst, group=group)
+        dist.send(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8), dst=dst, group=group)
+
+
+def _recv_entries(src: int, group: dist.ProcessGroup) -> List[Tuple[str, torch.Tensor]]:
+    count = torch.zeros(1, dtype=torch.int64)
+    dist.recv(count, src=src, group=group)
+    entries = []
+    for _ in range(int(count)):
+        size = torch.zeros(1, dtype=torch.int64)
+        dist.recv(size, src=src, group=group)
+        meta = torch.zeros(int(size), dtype=torch.int64)
+        dist.recv(meta, src=src, group=group)
+        name_len, dtype_i, ndim = (int(v) for v in meta[:3])
+        shape = [int(v) for v in meta[3:3 + ndim]]
+        name_bytes = torch.zeros(name_len, dtype=torch.uint8)
+        dist.recv(name_bytes, src=src, group=group)
+        dtype = DTYPES[dtype_i]
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        raw = torch.zeros(nbytes, dtype=torch.uint8)
+        dist.recv(raw, src=src, group=group)
+        entries.append((bytes(name_bytes.tolist()).decode(), raw.view(dtype).reshape(shape)))
+    return entries
+
+
+def ship_to_owner(group: dist.ProcessGroup, root_ranks: List[int], owner: int,
+                  outbox: List[Tuple[str, torch.Tensor]], output_dict: Dict[str, List[torch.Tensor]]) -> None:
+    me = dist.get_rank()
+    if me != owner:
+        _send_entries(outbox, owner, group)
+        return
+    for src in root_ranks:
+        if src != owner:
+            for name, tensor in _recv_entries(src, group):
+                output_dict.setdefault(name, []).append(tensor)

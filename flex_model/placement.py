@@ -1,0 +1,151 @@
+"""Where the pieces of a hooked tensor live, read off the model.
+
+A ``Placement`` says along which dim the tensor is split over the tensor
+parallel axis (``tp_dim``) and over the data parallel axis (``dp_dim``);
+``None`` means replicated. It is inferred from what the model says:
+DTensor placements; fairscale / megatron-core ``ColumnParallelLinear``
+(``gather_output=False``: output split on the last dim) and
+``RowParallelLinear`` (``input_is_parallel=True``: input split on the last
+dim); DTensor-sharded ``nn.Linear`` weights (colwise / rowwise); the
+parameter partition dims of TP layers; and the layout's batch dim for data
+parallel activations. A user's ``expected_shape`` overrides the TP dim and is
+validated against the local shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from flex_model.layout import ParallelLayout
+
+# Parameter partition dims of tensor-parallel layers that do not tag their
+# parameters (megatron-core sets ``param.partition_dim`` itself).
+PARAM_TP_DIMS = {
+    "ColumnParallelLinear": {"weight": 0, "bias": 0},
+    "RowParallelLinear": {"weight": 1},
+    "VocabParallelEmbedding": {"weight": 0},
+    "ParallelEmbedding": {"weight": 1},
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a full tensor is split over one pipeline stage's dp × tp ranks.
+
+    ``tp_dim``/``dp_dim``: the dim split over that axis, None if replicated.
+    ``dp_mean``: the full value is the mean of the dp ranks' values (local
+    parameter gradients before data-parallel averaging).
+    """
+
+    tp_dim: Optional[int] = None
+    dp_dim: Optional[int] = None
+    dp_mean: bool = False
+
+
+def _is_dtensor(x: object) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def module_tp_dims(module: nn.Module) -> dict:
+    """``{"output": dim}`` / ``{"input": dim}`` for a tensor-parallel layer, else ``{}``."""
+    name = type(module).__name__
+    if name == "ColumnParallelLinear" and getattr(module, "gather_output", True) is False:
+        return {"output": -1}
+    if name == "RowParallelLinear" and getattr(module, "input_is_parallel", False):
+        return {"input": -1}
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear) and _is_dtensor(weight):
+        shard_dims = [p.dim for p in weight.placements if p.is_shard()]
+        if shard_dims == [0]:
+            return {"output": -1}  # colwise: local output holds a slice of out_features
+        if shard_dims == [1]:
+            return {"input": -1}  # rowwise: local input holds a slice of in_features
+    return {}
+
+
+def param_tp_dim(module: nn.Module, param_name: str, param: torch.Tensor) -> Optional[int]:
+    if getattr(param, "tensor_model_parallel", False) and hasattr(param, "partition_dim"):
+        return int(param.partition_dim)
+    return PARAM_TP_DIMS.get(type(module).__name__, {}).get(param_name)
+
+
+def to_local(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[int], Callable[[torch.Tensor], torch.Tensor]]:
+    """``(local_tensor, tp_dim or None, rewrap)`` for a plain tensor, DTensor or AsyncCollectiveTensor.
+
+    For a DTensor the tp dim comes from its placement (a Partial value is
+    reduced first) and ``rewrap`` turns an edited local tensor back into a
+    DTensor of the same placement; all steps are autograd-aware.
+    """
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor, wait_tensor
+
+    if isinstance(x, AsyncCollectiveTensor):
+        x = wait_tensor(x)
+    if not _is_dtensor(x):
+        return x, None, lambda y: y
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if x.device_mesh.ndim != 1:
+        raise ValueError(f"DTensor values on a {x.device_mesh.ndim}-D mesh are not supported; hook a module "
+                         "whose value lives on a 1-D tensor-parallel mesh")
+    if x.placements[0].is_partial():
+        x = x.redistribute(placements=[Replicate()])
+    tp_dim = x.placements[0].dim % x.ndim if x.placements[0].is_shard() else None
+    mesh, placements, shape, stride = x.device_mesh, x.placements, x.shape, x.stride()
+    rewrap = lambda y: DTensor.from_local(y, mesh, placements, run_check=False, shape=shape, stride=stride)  # noqa: E731
+    return x.to_local(), tp_dim, rewrap
+
+
+def infer_placement(*, module: nn.Module, side: str, local: torch.Tensor, layout: ParallelLayout,
+                    expected_shape: Optional[Sequence[Optional[int]]], hook_name: str,
+                    dtensor_tp_dim: Optional[int] = None, param_name: str = "") -> Placement:
+    """The placement of ``local`` (a value on ``side`` "input"/"output"/"param" of ``module``)."""
+    dp_dim = None
+    if layout.dp > 1 and side != "param":
+        if local.ndim <= layout.batch_dim % max(local.ndim, 1) or local.ndim == 0:
+            raise ValueError(f'hook "{hook_name}": a {local.ndim}-d value cannot be split on batch dim '
+                             f"{layout.batch_dim} under data parallel; pick another leaf with unpack_idx")
+        dp_dim = layout.batch_dim % local.ndim
+    tp_dim = None
+    if layout.tp > 1:
+        if dtensor_tp_dim is not None:
+            tp_dim = dtensor_tp_dim
+        elif side == "param":
+            tp_dim = param_tp_dim(module, param_name, local)
+        else:
+            tp_dim = module_tp_dims(module).get(side)
+        if tp_dim is not None:
+            tp_dim %= local.ndim
+    if expected_shape is not None:
+        tp_dim = _check_expected(expected_shape, local, layout, tp_dim, dp_dim, hook_name)
+    dp_mean = layout.dp > 1 and side == "param"
+    return Placement(tp_dim=tp_dim, dp_dim=dp_dim, dp_mean=dp_mean)
+
+
+def _check_expected(expected: Sequence[Optional[int]], local: torch.Tensor, layout: ParallelLayout,
+                    tp_dim: Optional[int], dp_dim: Optional[int], hook_name: str) -> Optional[int]:
+    """Validate ``expected`` against the local shape; return the tp dim it implies."""
+    shape = tuple(local.shape)
+    msg = (f'expected_shape {tuple(expected)} does not match local shape {shape} × tp {layout.tp} '
+           f'on hook "{hook_name}"')
+    if len(expected) != len(shape):
+        raise ValueError(f"{msg}: expected_shape has {len(expected)} dims, the value has {len(shape)}; "
+                         "give one entry per dim (None where any size is fine)")
+    split = [i for i, (e, n) in enumerate(zip(expected, shape))
+             if e is not None and layout.tp > 1 and e == n * layout.tp and e != n]
+    if len(split) > 1:
+        split = [i for i in split if i == tp_dim] or split[-1:]
+    for i, (e, n) in enumerate(zip(expected, shape)):
+        if e is None or e == n or i in split:
+            continue
+        if i == dp_dim and e % n == 0:
+            continue
+        raise ValueError(f"{msg}: dim {i} is {n} locally, so its full size is {n} (replicated) or "
+                         f"{n * layout.tp} (split over tp), not {e}")
+    if split:
+        return split[0]
+    return tp_dim if tp_dim is not None and expected[tp_dim] is None else None
