@@ -77,9 +77,13 @@ class Runtime:
     active: Optional[Set[HookFunction]] = None  # None: every hook fires
     outbox: List[Tuple[str, torch.Tensor]] = field(default_factory=list)  # pipeline captures for the owner
 
-    def store_value(self, name: str, full: torch.Tensor) -> None:
+    def store_value(self, name: str, full: torch.Tensor, fresh: bool = False) -> None:
+        """Keep ``full`` (a copy, unless ``fresh``: already a new tensor nobody else holds)."""
         value = full.detach()
-        value = value.cpu() if self.offload_to_cpu else value.clone()
+        if self.offload_to_cpu and value.device.type != "cpu":
+            value = value.cpu()
+        elif not fresh:
+            value = value.clone()
         if self.store == "all" or self.layout.rank == self.layout.owner:
             self.output_dict.setdefault(name, []).append(value)
         else:
@@ -183,14 +187,18 @@ def _edit_across(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Mod
     shapes = C.exchange_headers(peers, tuple(local.shape) if local is not None else (), error, device, name)
     if hook.editing_function is None and rt.store == "none":
         return None
-    full = C.gather_to_root(peers, local.detach(), placement, shapes)
+    local_value = local.detach()
+    full = C.gather_to_root(peers, local_value, placement, shapes)
     scale = peers.dp if kind.is_grad and placement.dp_dim is not None and rt.dp_grad_mean else 1
     if full is not None and scale != 1:
         full = full / scale
+    # A capture can skip its copy when the gather made a new tensor that no edit will touch.
+    fresh = full is not local_value and hook.editing_function is None
     if rt.store == "all":
-        rt.store_value(name, C.broadcast_full(peers, full, C.full_shape(shapes, peers, placement), local))
+        shape = C.full_shape(shapes, peers, placement)
+        rt.store_value(name, C.broadcast_full(peers, full, shape, local), fresh=fresh or not peers.is_root)
     elif rt.store == "root" and peers.is_root:
-        rt.store_value(name, full)
+        rt.store_value(name, full, fresh=fresh)
     if hook.editing_function is None:
         return None
 
