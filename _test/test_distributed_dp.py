@@ -74,7 +74,8 @@ def reference_hooks(model: nn.Module, specs: Sequence[HookSpec], seen: Dict[str,
             continue
         m = model.get_submodule(s.name)
         if s.kind == "forward":
-            handles.append(m.register_forward_hook(lambda mod, a, out, keep=keep: keep(out)))
+            handles.append(m.register_forward_hook(lambda mod, a, out, keep=keep: (keep(out[0]),) + out[1:]
+                                                   if isinstance(out, tuple) else keep(out)))
         elif s.kind == "forward_pre":
             handles.append(m.register_forward_pre_hook(lambda mod, a, keep=keep: (keep(a[0]),) + a[1:]))
         elif s.kind == "full_backward":
@@ -102,13 +103,15 @@ class Result:
 
 
 def reference_run(model: nn.Module, idx: torch.Tensor, specs: Sequence[HookSpec], *, batch_dim: int = 0,
-                  forward: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None) -> Result:
+                  forward: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+                  backward: bool = True) -> Result:
     """One process, full batch, plain torch hooks; loss = mean token loss over the full batch."""
     seen: Dict[str, List[torch.Tensor]] = {}
     handles = reference_hooks(model, specs, seen)
     forward = forward or (lambda m, x: m(x))
     out = forward(model, idx)
-    (lm_loss_sum(out, idx, batch_dim) / (idx.numel() - idx.shape[0])).backward()
+    if backward:
+        (lm_loss_sum(out, idx, batch_dim) / (idx.numel() - idx.shape[0])).backward()
     for h in handles:
         h.remove()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -175,17 +178,19 @@ def five_hook_types() -> List[HookSpec]:
 
 
 def run_ddp_case(rank: int, world_size: int, specs: Sequence[HookSpec], sizes: Sequence[int], *,
-                 batch_dim: int = 0, store: str = "root") -> None:
+                 make: Callable[[], nn.Module] = tiny_gpt, batch_dim: int = 0, store: str = "root") -> None:
+    """``sizes[r]`` rows of the batch on rank r; with ``batch_dim=1`` the model takes (seq, batch) tokens."""
     idx = tokens(sum(sizes))
-    ref = reference_run(tiny_gpt(), idx, specs)
     mine = idx[row_slices(sizes)[rank]]
-    model = DDP(tiny_gpt())
+    layout = (lambda x: x) if batch_dim == 0 else (lambda x: x.t())
+    ref = reference_run(make(), idx, specs, batch_dim=batch_dim, forward=lambda m, x: m(layout(x)))
+    model = DDP(make())
     output_dict: Dict[str, List[torch.Tensor]] = {}
     flex = FlexModel(model, output_dict, data_parallel_size=world_size, batch_dim=batch_dim, store=store)
     register(flex, specs)
-    out = flex(mine)
-    torch.testing.assert_close(out.detach(), ref.out[row_slices(sizes)[rank]])
-    flex_backward(out, mine, idx.numel() - idx.shape[0], world_size)
+    out = flex(layout(mine))
+    torch.testing.assert_close(out.detach(), ref.out.narrow(batch_dim, sum(sizes[:rank]), sizes[rank]))
+    flex_backward(out, mine, idx.numel() - idx.shape[0], world_size, batch_dim)
     check_captures(rank, output_dict, ref, specs, store)
     check_grads(ddp_grads(model), ref)
     flex.restore()
@@ -212,3 +217,119 @@ def test_ddp_store_all_puts_full_tensor_on_every_rank(rank, world_size):
     specs = [HookSpec("forward", "layers.0.mlp", lambda x: x @ A), HookSpec("full_backward_pre", "ln_f"),
              HookSpec("tensor", "layers.0.mlp.down.weight")]
     run_ddp_case(rank, world_size, specs, [2, 2], store="all")
+
+
+class SeqFirstLM(nn.Module):
+    """A language model on (seq, batch) tokens: torch's seq-first transformer layer (batch_first=False)."""
+
+    def __init__(self, vocab: int = 61, d: int = D) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.layer = nn.TransformerEncoderLayer(d, nhead=4, dim_feedforward=2 * d, dropout=0.0)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.emb(idx)))
+
+
+def seq_first_lm(seed: int = 0) -> SeqFirstLM:
+    torch.manual_seed(seed)
+    return SeqFirstLM()
+
+
+@multi_process(world_size=2)
+def test_ddp_batch_dim_1_seq_first(rank, world_size):
+    """Activations are (seq, batch, ...): data parallel splits dim 1; edits mix the batch (flip(1))."""
+    specs = [
+        HookSpec("forward", "layer.linear1", lambda x: x @ fixed(2 * D, 2 * D) + x.flip(1)),
+        HookSpec("forward", "layer.self_attn"),  # a tuple (out, None): leaf 0
+        HookSpec("forward_pre", "head", lambda x: x * 2 - x.mean(1, keepdim=True)),
+        HookSpec("full_backward", "layer.norm2", lambda g: g @ A + g.roll(1, 1)),
+        HookSpec("full_backward_pre", "layer.linear2", lambda g: g * 3),
+        HookSpec("tensor", "layer.linear1.weight", lambda g: g.flip(0)),
+    ]
+    run_ddp_case(rank, world_size, specs, [2, 2], make=seq_first_lm, batch_dim=1)
+
+
+# -- failures -------------------------------------------------------------------------------------------------------
+class EditFailed(Exception):
+    pass
+
+
+def _fail(x: torch.Tensor) -> torch.Tensor:
+    raise EditFailed("the editing function gave up")
+
+
+def _next_step_still_works(rank: int, world_size: int, model: nn.Module, flex: FlexModel, idx: torch.Tensor,
+                           mine: torch.Tensor, specs: Sequence[HookSpec], make: Callable[[], nn.Module]) -> None:
+    """The group is not wedged: a collective completes and a fresh hook matches one process again."""
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    assert t.item() == sum(range(world_size))
+    ref = reference_run(make(), idx, specs, backward=False)
+    flex.output_dict.clear()
+    register(flex, specs)
+    with torch.no_grad():
+        out = flex(mine)
+    torch.testing.assert_close(out, ref.out[rank * len(mine):(rank + 1) * len(mine)])
+    if rank == 0:
+        torch.testing.assert_close(flex.output_dict[specs[0].name][0], ref.seen[specs[0].name][0])
+
+
+@multi_process(world_size=2, timeout=60)
+def test_edit_raising_on_root_errors_every_rank(rank, world_size):
+    idx = tokens()
+    mine = idx[rank * 2:(rank + 1) * 2]
+    model = DDP(tiny_gpt())
+    flex = FlexModel(model, {}, data_parallel_size=world_size)
+    hook = HookFunction("layers.0.mlp", editing_function=lambda m, x, ctx, mods: _fail(x))
+    handle = flex.register_forward_hook(hook)
+    start = time.monotonic()
+    with pytest.raises(EditFailed if rank == 0 else HookFailure) as info:
+        flex(mine)
+    assert time.monotonic() - start < 10
+    if rank != 0:
+        assert "layers.0.mlp" in str(info.value) and "EditFailed" in str(info.value), str(info.value)
+    handle.remove()
+    _next_step_still_works(rank, world_size, model, flex, idx, mine,
+                           [HookSpec("forward", "layers.1.mlp", lambda x: x @ A)], tiny_gpt)
+
+
+class RankDependentLeaves(nn.Module):
+    """Returns (x, x + 1) on rank 0 but (x,) elsewhere: ``unpack_idx=1`` exists on rank 0 only."""
+
+    def forward(self, x: torch.Tensor):
+        return (x, x + 1) if dist.get_rank() == 0 else (x,)
+
+
+class ForkedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.fork, self.down = nn.Linear(D, D), RankDependentLeaves(), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.fork(self.up(x))[0])
+
+
+def forked_net(seed: int = 0) -> ForkedNet:
+    torch.manual_seed(seed)
+    return ForkedNet()
+
+
+@multi_process(world_size=2, timeout=60)
+def test_failure_on_one_rank_only_errors_every_rank(rank, world_size):
+    x = fixed(2 * world_size, D, seed=3)
+    mine = x[rank * 2:(rank + 1) * 2]
+    model = DDP(forked_net())
+    flex = FlexModel(model, {}, data_parallel_size=world_size)
+    handle = flex.register_forward_hook(HookFunction("fork", editing_function=lambda m, v, ctx, mods: v * 2,
+                                                     unpack_idx=1))
+    start = time.monotonic()
+    with pytest.raises(HookFailure if rank == 0 else IndexError) as info:
+        flex(mine)
+    assert time.monotonic() - start < 10
+    if rank == 0:
+        assert "rank 1" in str(info.value) and "IndexError" in str(info.value), str(info.value)
+    handle.remove()
+    _next_step_still_works(rank, world_size, model, flex, x, mine, [HookSpec("forward", "up", lambda v: v @ A)],
+                           forked_net)
