@@ -9,6 +9,9 @@ from flex_model.collectives import HookFailure
 from flex_model.flex_model import FlexModel, HookHandle
 from flex_model.hook_function import EditingFunction, HookFunction, Shard, ShardwiseEdit
 from flex_model.layout import FAIRSCALE_ORDER, MEGATRON_ORDER, ParallelLayout
+from flex_model.routing import Router, RouteActivation, RouteParameters
+from flex_model.ablation import Ablation, RunningMean
+from flex_model.expansion import Expanded, ExpandedUnits, Expansion, expand
 
 
 class DummyModule(nn.Module):
@@ -19,5 +22,7 @@ class DummyModule(nn.Module):
 
 
 __all__ = ["FlexModel", "HookFunction", "HookHandle", "DummyModule", "EditingFunction", "ShardwiseEdit", "Shard",
-           "ParallelLayout", "FAIRSCALE_ORDER", "MEGATRON_ORDER", "HookFailure"]
+           "ParallelLayout", "FAIRSCALE_ORDER", "MEGATRON_ORDER", "HookFailure",
+           "Router", "RouteActivation", "RouteParameters", "Ablation", "RunningMean", "Expanded", "ExpandedUnits",
+           "Expansion", "expand"]
 __version__ = "0.2.0"
