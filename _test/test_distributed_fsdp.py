@@ -1,0 +1,135 @@
+"""FSDP1, FSDP2 (``fully_shard``) and a HuggingFace Llama under FSDP1, on real gloo ranks, against one process.
+
+Each rank builds the same seeded model, runs the single-process reference
+(plain torch hooks, full batch; ``test_distributed_dp.reference_run``), then
+the FSDP-wrapped model under FlexModel on its batch slice, with hooks named as
+in the unwrapped model (no ``_fsdp_wrapped_module``). Compared: outputs,
+full captures on rank 0, edited outputs, every full parameter gradient, and
+``get_module_parameter``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+from _test.distributed import multi_process, run_ranks
+from _test.models import Block, tiny_llama
+from _test.test_distributed_dp import (A, A2, HookSpec, check_captures, check_grads, flex_backward, reference_run,
+                                       register, tiny_gpt, tokens)
+from flex_model import FlexModel
+
+WRAPPER = "_fsdp_wrapped_module."
+
+
+def fsdp_hooks() -> List[HookSpec]:
+    return [
+        HookSpec("forward", "layers.0.mlp", lambda x: x @ A + x.flip(0)),
+        HookSpec("forward", "layers.1.attn", lambda x: x * 2),
+        HookSpec("forward_pre", "layers.1.mlp", lambda x: x @ A2),
+        HookSpec("full_backward", "layers.0.attn", lambda g: g @ A + g.roll(1, 0)),
+        HookSpec("full_backward_pre", "ln_f", lambda g: g * 3 - g.mean(0, keepdim=True)),
+        HookSpec("forward", "layers.1.ln2"),  # capture only
+    ]
+
+
+def fsdp1_full_grads(model: FSDP, use_orig_params: bool) -> Dict[str, torch.Tensor]:
+    """Every full (reduced) gradient, by unwrapped name. ``with_grads`` needs ``use_orig_params=True``;
+    otherwise copy each flat parameter's gradient shard into its data and let FSDP unshard that."""
+    if use_orig_params:
+        with FSDP.summon_full_params(model, with_grads=True):
+            return {n.replace(WRAPPER, ""): p.grad.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for flat in model.parameters():
+            flat.copy_(flat.grad)
+    with FSDP.summon_full_params(model):
+        return {n.replace(WRAPPER, ""): p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _fsdp1_case(rank: int, world_size: int, use_orig_params: bool) -> None:
+    specs = fsdp_hooks()
+    idx = tokens(2 * world_size)
+    rows = slice(2 * rank, 2 * rank + 2)
+    ref = reference_run(tiny_gpt(), idx, specs)
+    model = FSDP(tiny_gpt(), auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu"),
+                 use_orig_params=use_orig_params)
+    assert any(WRAPPER in n for n, _ in model.named_modules())
+    output_dict: Dict[str, List[torch.Tensor]] = {}
+    # sizes given with the original params; read off the model (FSDP = dp over the world) otherwise
+    flex = FlexModel(model, output_dict, data_parallel_size=world_size if use_orig_params else 1)
+    assert flex.layout.dp == world_size
+    register(flex, specs)
+    torch.testing.assert_close(flex.get_module_parameter("layers.0.mlp.up.weight"),
+                               tiny_gpt().get_parameter("layers.0.mlp.up.weight"))
+    out = flex(idx[rows])
+    torch.testing.assert_close(out.detach(), ref.out[rows])
+    flex_backward(out, idx[rows], idx.numel() - idx.shape[0], world_size)
+    check_captures(rank, output_dict, ref, specs)
+    flex.restore()
+    check_grads(fsdp1_full_grads(model, use_orig_params), ref)
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp1_auto_wrapped_per_block(world_size, use_orig_params):
+    run_ranks(_fsdp1_case, world_size, use_orig_params, timeout=120)
+
+
+@multi_process(world_size=2, timeout=120)
+def test_fsdp2_fully_shard(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    specs = fsdp_hooks()
+    idx = tokens(4)
+    rows = slice(2 * rank, 2 * rank + 2)
+    ref = reference_run(tiny_gpt(), idx, specs)
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = tiny_gpt()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    output_dict: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(model, output_dict)  # layout read off the model: dp over the world
+    assert flex.layout.dp == world_size
+    register(flex, specs)
+    torch.testing.assert_close(flex.get_module_parameter("layers.0.mlp.up.weight"),
+                               tiny_gpt().get_parameter("layers.0.mlp.up.weight"))
+    out = flex(idx[rows])
+    torch.testing.assert_close(out.detach(), ref.out[rows])
+    flex_backward(out, idx[rows], idx.numel() - idx.shape[0], world_size)
+    check_captures(rank, output_dict, ref, specs)
+    check_grads({n: p.grad.full_tensor() for n, p in model.named_parameters()}, ref)
+    flex.restore()
+
+
+@multi_process(world_size=2, timeout=120)
+def test_hf_llama_under_fsdp1(rank, world_size):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    up = torch.randn(64, 64, generator=torch.Generator().manual_seed(5)) / 8
+    specs = [
+        HookSpec("forward", "model.layers.0.mlp", lambda x: x * 2 + x.flip(0)),
+        HookSpec("forward", "model.layers.1.self_attn.o_proj"),
+        HookSpec("forward_pre", "model.layers.1.mlp.down_proj", lambda x: x @ up),
+        HookSpec("full_backward_pre", "model.norm"),
+    ]
+    idx = tokens(4, vocab=97)
+    rows = slice(2 * rank, 2 * rank + 2)
+    logits = lambda m, x: m(x, use_cache=False).logits  # noqa: E731
+    ref = reference_run(tiny_llama(), idx, specs, forward=logits)
+    model = FSDP(tiny_llama(), auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                 device_id=torch.device("cpu"), use_orig_params=True)
+    output_dict: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(model, output_dict, data_parallel_size=world_size)
+    register(flex, specs)
+    out = logits(flex, idx[rows])
+    torch.testing.assert_close(out.detach(), ref.out[rows])
+    flex_backward(out, idx[rows], idx.numel() - idx.shape[0], world_size)
+    check_captures(rank, output_dict, ref, specs)
+    flex.restore()
+    check_grads(fsdp1_full_grads(model, True), ref)
