@@ -62,6 +62,7 @@ def _fsdp1_case(rank: int, world_size: int, use_orig_params: bool) -> None:
     # sizes given with the original params; read off the model (FSDP = dp over the world) otherwise
     flex = FlexModel(model, output_dict, data_parallel_size=world_size if use_orig_params else 1)
     assert flex.layout.dp == world_size
+    assert sorted(flex.wrapped_module_names) == sorted(n for n, _ in tiny_gpt().named_modules() if n)
     register(flex, specs)
     torch.testing.assert_close(flex.get_module_parameter("layers.0.mlp.up.weight"),
                                tiny_gpt().get_parameter("layers.0.mlp.up.weight"))
