@@ -21,7 +21,7 @@ from _test.distributed import multi_process, run_ranks
 from _test.models import Block, tiny_llama
 from _test.test_distributed_dp import (A, A2, HookSpec, check_captures, check_grads, flex_backward, reference_run,
                                        register, tiny_gpt, tokens)
-from flex_model import FlexModel
+from flex_model import FlexModel, HookFunction
 
 WRAPPER = "_fsdp_wrapped_module."
 
@@ -64,6 +64,9 @@ def _fsdp1_case(rank: int, world_size: int, use_orig_params: bool) -> None:
     assert flex.layout.dp == world_size
     assert sorted(flex.wrapped_module_names) == sorted(n for n, _ in tiny_gpt().named_modules() if n)
     register(flex, specs)
+    if use_orig_params:  # the parameter exists by name, but FSDP sets its .grad outside autograd
+        with pytest.raises(ValueError, match="would never fire"):
+            flex.register_hook(HookFunction("layers.1.mlp.up.weight"))
     torch.testing.assert_close(flex.get_module_parameter("layers.0.mlp.up.weight"),
                                tiny_gpt().get_parameter("layers.0.mlp.up.weight"))
     out = flex(idx[rows])
@@ -98,6 +101,8 @@ def test_fsdp2_fully_shard(rank, world_size):
     flex = FlexModel(model, output_dict)  # layout read off the model: dp over the world
     assert flex.layout.dp == world_size
     register(flex, specs)
+    with pytest.raises(ValueError, match="would never fire"):  # fully_shard sets .grad outside autograd
+        flex.register_hook(HookFunction("layers.1.mlp.up.weight"))
     torch.testing.assert_close(flex.get_module_parameter("layers.0.mlp.up.weight"),
                                tiny_gpt().get_parameter("layers.0.mlp.up.weight"))
     out = flex(idx[rows])

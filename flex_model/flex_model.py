@@ -113,6 +113,8 @@ class FlexModel(nn.Module):
             raise ValueError(f"{hook!r} is already registered; create a new HookFunction, or remove the "
                              "first registration's handle")
         target = self._resolve(hook.module_name, hook_type)
+        if hook_type == "tensor":
+            _refuse_fsdp_tensor_hook(self.module, hook.module_name)
         hook.hook_type = hook_type
         if target is not None:
             if hook_type == "tensor":
@@ -268,6 +270,19 @@ class FlexModel(nn.Module):
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+def _refuse_fsdp_tensor_hook(module: nn.Module, name: str) -> None:
+    """FSDP1 and FSDP2 run forward on unsharded copies of the parameters and set the registered
+    parameter's ``.grad`` outside autograd: a tensor hook on it would silently never fire."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in module.modules()):
+        raise ValueError(f'tensor hook on "{name}": under FSDP the registered parameter is not the tensor '
+                         "used in forward, so its hook would never fire; hook the owning module's gradient "
+                         "(register_full_backward_hook / register_full_backward_pre_hook), or read the reduced "
+                         "gradient after backward (FSDP.summon_full_params(model, with_grads=True), or "
+                         "param.grad.full_tensor() under fully_shard)")
 
 
 def _matches(name: str, pattern: str, regex: bool) -> bool:
