@@ -168,7 +168,8 @@ def _fairscale_body(rank: int, world_size: int, sizes: bool) -> None:
     else:
         assert got == {}, f"rank {rank} stored {sorted(got)}"
     for name in FAIRSCALE_DIMS:
-        assert_close(flex.get_module_parameter(name), ref.get_parameter(name), msg=name)
+        assert_close(flex.get_module_parameter(name), ref.get_parameter(name), 
+                     msg=lambda m, name=name: f"{name}: {m}")
 
     bad = flex.register_forward_hook(HookFunction("up", expected_shape=(B // dp, T, H + 1)))
     with pytest.raises(ValueError, match=rf'expected_shape \({B // dp}, {T}, {H + 1}\).*local shape '
@@ -278,6 +279,128 @@ def _megatron_body(rank: int, world_size: int) -> None:
     if rank == 0:
         check_captures(got, want)
     for name in MLP_DIMS:
-        assert_close(flex.get_module_parameter(name), ref.get_parameter(name), msg=name)
+        assert_close(flex.get_module_parameter(name), ref.get_parameter(name), 
+                     msg=lambda m, name=name: f"{name}: {m}")
     flex.restore()
     ps.destroy_model_parallel()
+
+
+# -- DTensor (torch.distributed.tensor.parallel) --------------------------------------------
+def _dtensor_run(order: str, ref: nn.Module, net: nn.Module, plan: dict, spec: Spec, x: torch.Tensor, w: torch.Tensor, unedited: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Reference run of ``ref``; then ``net`` (same weights) parallelized by ``plan`` at TP=2 and hooked.
+
+    ``order``: "before" registers the module hooks, then parallelizes (they see DTensors and plain local
+    shards); "after" parallelizes first (they see plain / AsyncCollectiveTensor locals, and some
+    DTensors) and lets FlexModel read the layout off the DTensor parameters. Parameter hooks always
+    come after: ``parallelize_module`` replaces the parameters.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.experimental import implicit_replication
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    want: Dict[str, List[torch.Tensor]] = {}
+    handles = reference_hooks(ref, spec, want)
+    x_ref = x.clone().requires_grad_(x.is_floating_point())
+    ref_out = ref(x_ref)
+    (ref_out * w).sum().backward()
+    for h in handles:
+        h.remove()
+
+    net.load_state_dict(ref.state_dict())
+    got: Dict[str, List[torch.Tensor]] = {}
+    seen: List[str] = []  # what torch hands the first forward hook: it depends on the order
+    first = net.get_submodule(spec[0][0])
+    module_spec, param_spec = [s for s in spec if s[1] != "tensor"], [s for s in spec if s[1] == "tensor"]
+    if order == "before":
+        flex = FlexModel(net, got, device_mesh=mesh)
+        flex_hooks(flex, module_spec)
+        first.register_forward_hook(lambda m, a, o: seen.append(type(o).__name__))
+        parallelize_module(net, mesh, plan)
+    else:
+        parallelize_module(net, mesh, plan)
+        flex = FlexModel(net, got)
+        flex_hooks(flex, module_spec)
+        first.register_forward_hook(lambda m, a, o: seen.append(type(o).__name__))
+    flex_hooks(flex, param_spec)
+    assert (flex.layout.tp, flex.layout.dp) == (2, 1)
+    x_par = x.clone().requires_grad_(x.is_floating_point())
+    with implicit_replication():  # lets plain tensors meet DTensors in unsharded code
+        out = flex(x_par)
+    out = out.full_tensor() if isinstance(out, DTensor) else out
+    assert seen == ["DTensor" if order == "before" else "Tensor"] or order == "after" and seen == ["DTensor"], seen
+    assert_close(out, ref_out)
+    assert not torch.allclose(out, unedited(x)), "the edit did not change the output"
+    with implicit_replication():
+        (out * w).sum().backward()
+    if x.is_floating_point():
+        assert_close(x_par.grad, x_ref.grad)
+    for name, p in net.named_parameters():  # a DTensor grad may be placed unlike its parameter
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        assert_close(grad, ref.get_parameter(name).grad, msg=lambda m, name=name: f"grad {name}: {m}")
+    if rank == 0:
+        check_captures(got, want)
+    for name, _ in net.named_parameters():
+        assert_close(flex.get_module_parameter(name), ref.get_parameter(name), 
+                     msg=lambda m, name=name: f"{name}: {m}")
+    flex.restore()
+
+
+def _dtensor_mlp_body(rank: int, world_size: int, order: str) -> None:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    torch.set_num_threads(1)
+    torch.manual_seed(2)
+    ref = Mlp()
+    x, w = torch.randn(B, T, D), torch.randn(B, T, D)
+    a_fwd, a_bwd = torch.randn(H, H) / H ** 0.5, torch.randn(H, H) / H ** 0.5
+    spec: Spec = [("up", "forward", mix_hidden(a_fwd)), ("down", "forward_pre", None), ("down", "forward", None),
+                  ("down", "full_backward", mix_hidden(a_bwd)), ("up", "full_backward_pre", None),
+                  ("up.weight", "tensor", None), ("down.weight", "tensor", None)]
+    plan = {"up": ColwiseParallel(), "down": RowwiseParallel()}
+    _dtensor_run(order, ref, Mlp(), plan, spec, x, w, lambda x: Mlp.forward(ref, x))
+
+
+@multi_process(world_size=2)
+def test_dtensor_mlp_hooks_before_parallelize(rank, world_size):
+    _dtensor_mlp_body(rank, world_size, "before")
+
+
+@multi_process(world_size=2)
+def test_dtensor_mlp_hooks_after_parallelize(rank, world_size):
+    _dtensor_mlp_body(rank, world_size, "after")
+
+
+def _dtensor_gpt_body(rank: int, world_size: int, order: str) -> None:
+    """TinyGPT with both blocks' attention tensor parallel: qkv colwise (left a DTensor, so the
+    unsharded attention math runs on DTensors), proj rowwise."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from _test.models import TinyGPT
+
+    torch.set_num_threads(1)
+    torch.manual_seed(3)
+    ref = TinyGPT()
+    vocab, d = ref.wte.weight.shape
+    idx, w = torch.randint(0, vocab, (2, 7)), torch.randn(2, 7, vocab)
+    a = torch.randn(3 * d, 3 * d) / (3 * d) ** 0.5
+    spec: Spec = [("layers.0.attn.qkv", "forward", mix_hidden(a)), ("layers.0.attn.proj", "forward_pre", None),
+                  ("layers.1.attn", "forward", None), ("layers.1.attn.proj", "full_backward", None),
+                  ("layers.0.attn.qkv", "full_backward_pre", None), ("layers.0.attn.qkv.weight", "tensor", None),
+                  ("layers.1.attn.proj.weight", "tensor", None)]
+    plan = {}
+    for i in range(2):
+        plan[f"layers.{i}.attn.qkv"] = ColwiseParallel(use_local_output=False)
+        plan[f"layers.{i}.attn.proj"] = RowwiseParallel()
+    _dtensor_run(order, ref, TinyGPT(), plan, spec, idx, w, lambda x: TinyGPT.forward(ref, x))
+
+
+@multi_process(world_size=2)
+def test_dtensor_tiny_gpt_attention_hooks_before_parallelize(rank, world_size):
+    _dtensor_gpt_body(rank, world_size, "before")
+
+
+@multi_process(world_size=2)
+def test_dtensor_tiny_gpt_attention_hooks_after_parallelize(rank, world_size):
+    _dtensor_gpt_body(rank, world_size, "after")
