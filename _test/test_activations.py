@@ -4,6 +4,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _test.distributed import run_ranks
-from _test.models import TinyGPT
+from _test.models import TinyGPT, lm_loss
 from flex_model import FlexModel, HookFunction
 from flex_model import activations as A
 from flex_model.activations import ActivationReader, ShardCorrupted, dump_activations
@@ -184,12 +186,45 @@ def test_lazy_range_reads_return_exactly_those_rows(tmp_path, batch_dim):
         fresh.read("ln_g")
 
 
+def test_gradients_dumped_with_a_backward_pre_hook(tmp_path):
+    backward = lambda f, batch: lm_loss(f(batch), batch).backward()  # noqa: E731
+    reader = dump_activations(FlexModel(_model(), {}), _batches(), tmp_path, ["ln_f"], hook_type="full_backward_pre",
+                              batches_per_shard=2, run=backward, progress=False)
+    want: dict = {}
+    flex = FlexModel(_model(), want)
+    flex.register_full_backward_pre_hook(HookFunction("ln_f"))
+    for b in _batches():
+        backward(flex, b)
+    torch.testing.assert_close(reader.read("ln_f"), torch.cat(want["ln_f"]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="hook_type must be one of"):
+        dump_activations(FlexModel(_model(), {}), _batches(), tmp_path / "t", ["ln_f"], hook_type="tensor")
+
+
 def test_resume_with_other_names_or_a_module_firing_twice_is_refused(tmp_path):
     _single_dump(tmp_path / "a", names=["ln_f"])
     with pytest.raises(ValueError, match=r"holds a dump of \['ln_f'\]"):
         _single_dump(tmp_path / "a", names=["layers.0.mlp"])
+    with pytest.raises(ValueError, match="'unpack_idx': 0.*'unpack_idx': 1"):
+        dump_activations(FlexModel(_model(), {}), _batches(), tmp_path / "a", ["ln_f"], unpack_idx=1)
     flex = FlexModel(_model(), {})
     twice = lambda f, batch: (f(batch), f(batch))  # noqa: E731
     with pytest.raises(ValueError, match='"ln_f" fired 2 times in batch 0'):
         dump_activations(flex, _batches(), tmp_path / "b", ["ln_f"], run=twice, progress=False)
     assert not flex.get_hook_function_groups()  # its capture hooks were removed
+
+
+def test_example_smoke(tmp_path):
+    """examples/dump_activations.py --smoke as a user runs it (2 spawned CPU ranks, ~20 s)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "examples" / "dump_activations.py"), "--smoke", "--out",
+                           str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "model.layers.0.mlp match a single process: True" in out, out
+    reader = ActivationReader(tmp_path)
+    reader.verify()
+    assert [s["batches"] for s in reader.index["shards"]] == [[i, i + 1] for i in range(6)]
+    assert sorted(reader.names) == ["model.layers.0.mlp", "model.layers.1.self_attn.o_proj", "model.norm"]

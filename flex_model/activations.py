@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
+from flex_model.firing import HOOK_KINDS
 from flex_model.flex_model import FlexModel
 from flex_model.hook_function import HookFunction
 
@@ -62,19 +63,25 @@ def dump_activations(flex: FlexModel, loader: Iterable, out_dir: Union[str, os.P
     unwrapped model; a capture hook of ``hook_type`` is registered on each for
     the duration of the call (each must fire once per batch). ``run(flex,
     batch)`` runs one batch (default: ``flex(**batch)`` for a mapping, else
-    ``flex(batch)``), under ``torch.no_grad()``. Returns an
+    ``flex(batch)``), under ``torch.no_grad()`` for forward hook types; for
+    gradient hook types (``"full_backward"``, ``"full_backward_pre"``) ``run``
+    must also run the backward. Entries of ``flex.output_dict`` under
+    ``names`` are dropped before each batch. Returns an
     ``ActivationReader`` on the owner rank, None elsewhere.
     """
     if not names or isinstance(names, str):
         raise TypeError(f"names must be a non-empty list of module names, got {names!r}")
     if batches_per_shard < 1:
         raise ValueError(f"batches_per_shard must be >= 1, got {batches_per_shard}")
+    if hook_type not in HOOK_KINDS or hook_type == "tensor":
+        raise ValueError(f"hook_type must be one of {sorted(set(HOOK_KINDS) - {'tensor'})}, got {hook_type!r}")
     if flex._runtime.store == "none":
         raise ValueError('this FlexModel was wrapped with store="none", which keeps no activations; '
                          'wrap it with store="root" (the default) to dump them')
     layout, out = flex.layout, Path(out_dir)
     is_owner = layout.rank == layout.owner
-    writer = _ShardWriter(out, list(names), layout.batch_dim) if is_owner else None
+    source = {"hook_type": hook_type, "unpack_idx": unpack_idx, "batch_dim": layout.batch_dim}
+    writer = _ShardWriter(out, list(names), source) if is_owner else None
     done, error = 0, None
     if writer is not None:
         try:
@@ -98,7 +105,7 @@ def dump_activations(flex: FlexModel, loader: Iterable, out_dir: Union[str, os.P
                 continue
             for n in names:  # entries of earlier runs would be taken for this batch's firings
                 flex.output_dict.pop(n, None)
-            with torch.no_grad():
+            with torch.set_grad_enabled(HOOK_KINDS[hook_type].is_grad and torch.is_grad_enabled()):
                 run(flex, batch)
             if layout.pp > 1:
                 flex.gather_pipeline_outputs()
@@ -149,9 +156,9 @@ def _flush(flex: FlexModel, writer: Optional["_ShardWriter"], pending: Dict[str,
 class _ShardWriter:
     """The owner's side: the index, resuming from it, writing shards atomically."""
 
-    def __init__(self, out: Path, names: List[str], batch_dim: int) -> None:
-        self.out, self.names, self.batch_dim = out, names, batch_dim
-        self.index: Dict[str, Any] = {"version": VERSION, "batch_dim": batch_dim, "names": {}, "shards": []}
+    def __init__(self, out: Path, names: List[str], source: Dict[str, Any]) -> None:
+        self.out, self.names, self.source, self.batch_dim = out, names, source, source["batch_dim"]
+        self.index: Dict[str, Any] = {"version": VERSION, **source, "names": {}, "shards": []}
 
     def resume(self) -> int:
         """Load an existing index (checking it is the same dump); return the batches it holds."""
@@ -161,10 +168,11 @@ class _ShardWriter:
         if not (self.out / INDEX).exists():
             return 0
         old = json.loads((self.out / INDEX).read_text())
-        if sorted(old["names"]) != sorted(self.names) or old["batch_dim"] != self.batch_dim:
-            raise ValueError(f"{self.out} holds a dump of {sorted(old['names'])} along batch dim {old['batch_dim']}"
-                             f"; this call dumps {sorted(self.names)} along dim {self.batch_dim}. Pass the same "
-                             "names and layout to resume it, or another out_dir")
+        theirs = {k: old.get(k) for k in self.source}
+        if sorted(old["names"]) != sorted(self.names) or theirs != self.source:
+            raise ValueError(f"{self.out} holds a dump of {sorted(old['names'])} with {theirs}; this call dumps "
+                             f"{sorted(self.names)} with {self.source}. Pass the same names, hook_type, unpack_idx "
+                             "and batch dim to resume it, or another out_dir")
         self.index = old
         ActivationReader(self.out).verify()
         return old["shards"][-1]["batches"][1] if old["shards"] else 0
