@@ -119,13 +119,14 @@ def _killed_while_writing_shard(out_dir: str) -> None:
     writes = []
     real = A._atomic_write
 
-    def dying_write(path, data):
+    def dying_write(path, write):
         writes.append(path.name)
         if len(writes) == 3:  # shard 0, index, then shard 1
-            with open(path.with_name(path.name + ".tmp"), "wb") as f:
-                f.write(data[: len(data) // 2])
+            tmp = path.with_name(path.name + ".tmp")
+            write(tmp)
+            os.truncate(tmp, tmp.stat().st_size // 2)
             os.kill(os.getpid(), signal.SIGKILL)
-        real(path, data)
+        return real(path, write)
 
     A._atomic_write = dying_write
     _single_dump(out_dir)

@@ -26,12 +26,12 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from flex_model.firing import HOOK_KINDS
@@ -182,6 +182,7 @@ class _ShardWriter:
         for n in self.names:
             try:
                 tensors[n] = torch.cat([t.cpu() for t in pending[n]], self.batch_dim).contiguous()
+                pending[n].clear()  # keep one copy of the shard in memory
             except RuntimeError as e:
                 raise ValueError(f'the captures of "{n}" in batches [{start}, {stop}) have shapes '
                                  f"{[tuple(t.shape) for t in pending[n]]}; they can only be stacked along the "
@@ -200,25 +201,35 @@ class _ShardWriter:
         shards = self.index["shards"]
         first_row = shards[-1]["rows"][1] if shards else 0
         name = f"shard-{len(shards):05d}.safetensors"
-        data = st_save(tensors)
-        _atomic_write(self.out / name, data)
-        shards.append({"file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+        digest, size = _atomic_write(self.out / name, lambda tmp: save_file(tensors, str(tmp)))
+        shards.append({"file": name, "sha256": digest, "bytes": size,
                        "batches": [start, stop], "rows": [first_row, first_row + rows]})
-        _atomic_write(self.out / INDEX, json.dumps(self.index, indent=1).encode())
+        text = json.dumps(self.index, indent=1)
+        _atomic_write(self.out / INDEX, lambda tmp: tmp.write_text(text))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> Tuple[str, int]:
+    """``write(tmp)``, fsync it, rename it to ``path``; return the file's sha256 and size."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
+    write(tmp)
+    with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    digest = _sha256(tmp)
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return digest, path.stat().st_size
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ActivationReader:
@@ -285,13 +296,10 @@ class ActivationReader:
         if size != shard["bytes"]:
             raise ShardCorrupted(f"{path} has {size} bytes but {INDEX} recorded {shard['bytes']}: it is truncated "
                                  f"or partial; {fix}")
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != shard["sha256"]:
+        digest = _sha256(path)
+        if digest != shard["sha256"]:
             raise ShardCorrupted(f"{path} fails its sha256 check (index {shard['sha256'][:12]}…, file "
-                                 f"{digest.hexdigest()[:12]}…): its bytes changed since it was written; {fix}")
+                                 f"{digest[:12]}…): its bytes changed since it was written; {fix}")
         self._checked.add(shard["file"])
 
     def _meta(self, name: str) -> Dict[str, Any]:
