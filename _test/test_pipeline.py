@@ -1,0 +1,126 @@
+"""Pipeline parallel: captures and edits on every stage of a 2-stage pipeline, against one process.
+
+Each rank builds the same seeded two-stage model, runs it in-process with
+plain torch hooks (the reference), then wraps its own stage with
+``FlexModel(stage, out, pipeline_parallel_size=2)``; stages pass the
+activation forward and its gradient backward with hand-made send/recv.
+After ``gather_pipeline_outputs()`` rank 0's ``output_dict`` must hold both
+stages' captures, equal to the reference's; an edit on stage 1 must change
+the final output as in one process; every parameter gradient must match.
+gloo on CPU, real process groups (``_test/distributed.py``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.testing import assert_close
+
+from _test.distributed import multi_process, run_ranks
+from _test.models import Block
+from _test.test_distributed_tp import Spec, check_captures, flex_hooks, mix_hidden, reference_hooks
+from flex_model import FlexModel, ParallelLayout
+
+V, D, NH, HID, B, T = 23, 16, 2, 32, 4, 6
+
+
+class Stage0(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.block0 = nn.Embedding(V, D), Block(D, NH, HID)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.block0(self.emb(idx))
+
+
+class Stage1(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1, self.ln_f, self.head = Block(D, NH, HID), nn.LayerNorm(D), nn.Linear(D, V)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln_f(self.block1(x)))
+
+
+def stage_specs(seed: int, dtype: torch.dtype) -> Tuple[Spec, Spec]:
+    """Hooks of every type on both stages; a non-elementwise edit on stage 1."""
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(HID, HID, generator=g) / HID ** 0.5).to(dtype)
+    spec0: Spec = [("emb", "forward", None), ("block0.attn", "forward", None), ("block0.mlp.down", "forward_pre", None),
+                   ("block0.mlp", "full_backward_pre", None), ("emb.weight", "tensor", None)]
+    spec1: Spec = [("block1.mlp.up", "forward", mix_hidden(a)), ("block1.ln1", "forward", None),
+                   ("ln_f", "forward", None), ("block1.attn", "full_backward", None),
+                   ("head.weight", "tensor", None)]
+    return spec0, spec1
+
+
+def _pipeline_body(rank: int, world_size: int, dtype: torch.dtype) -> None:
+    torch.set_num_threads(1)
+    dp = world_size // 2
+    layout = ParallelLayout.from_sizes(pp=2, dp=dp)  # fairscale order (dp, pp, tp)
+    pp_rank, dp_rank = layout.my["pp"], layout.my["dp"]
+    dp_groups = [dist.new_group([layout.global_rank(d, p) for d in range(dp)]) for p in range(2)]
+    torch.manual_seed(0)
+    ref0, ref1 = Stage0().to(dtype), Stage1().to(dtype)
+    idx, w = torch.randint(0, V, (B, T)), torch.randn(B, T, V).to(dtype)
+    specs = stage_specs(1, dtype)
+    want: Dict[str, List[torch.Tensor]] = {}
+    handles = reference_hooks(ref0, specs[0], want) + reference_hooks(ref1, specs[1], want)
+    ref_out = ref1(ref0(idx))
+    ((ref_out * w).sum() / B).backward()
+    for h in handles:
+        h.remove()
+    unedited = Stage1.forward(ref1, Stage0.forward(ref0, idx))
+
+    mine = copy.deepcopy((ref0, ref1)[pp_rank])
+    mine.zero_grad(set_to_none=True)
+    got: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(mine, got, pipeline_parallel_size=2, data_parallel_size=dp)
+    assert flex.layout.my == layout.my
+    flex_hooks(flex, specs[0] + specs[1])  # every rank registers every hook: names resolve on their stage
+    rows = slice(dp_rank * B // dp, (dp_rank + 1) * B // dp)
+    other = layout.global_rank(dp_rank, 1 - pp_rank)
+    if pp_rank == 0:
+        h = flex(idx[rows])
+        dist.send(h.detach().contiguous(), dst=other)
+        grad = torch.empty_like(h)
+        dist.recv(grad, src=other)
+        h.backward(grad)
+    else:
+        h = torch.empty(B // dp, T, D, dtype=dtype)
+        dist.recv(h, src=other)
+        h.requires_grad_()
+        out = flex(h)
+        assert_close(out, ref_out[rows])
+        assert not torch.allclose(out, unedited[rows]), "the edit on stage 1 did not change the output"
+        ((out * w[rows]).sum() / (B // dp)).backward()
+        dist.send(h.grad.contiguous(), dst=other)
+    for p in mine.parameters():  # what DDP would do
+        dist.all_reduce(p.grad, group=dp_groups[pp_rank])
+        p.grad /= dp
+    ref = (ref0, ref1)[pp_rank]
+    for name, p in mine.named_parameters():
+        assert_close(p.grad, ref.get_parameter(name).grad, msg=lambda m, name=name: f"grad {name}: {m}")
+
+    flex.gather_pipeline_outputs()
+    if rank == 0:
+        check_captures(got, want)
+        assert all(t.dtype == dtype for ts in got.values() for t in ts)
+    else:
+        assert got == {}, f"rank {rank} kept {sorted(got)}"
+    flex.restore()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_two_stage_pipeline(dtype):
+    run_ranks(_pipeline_body, 2, dtype, timeout=90)
+
+
+@multi_process(world_size=4)
+def test_two_stage_pipeline_times_two_data_parallel(rank, world_size):
+    """PP=2 × DP=2: stage roots gather their dp ranks' batch slices, then ship to rank 0."""
+    _pipeline_body(rank, world_size, torch.float32)
