@@ -333,3 +333,35 @@ def test_failure_on_one_rank_only_errors_every_rank(rank, world_size):
     handle.remove()
     _next_step_still_works(rank, world_size, model, flex, x, mine, [HookSpec("forward", "up", lambda v: v @ A)],
                            forked_net)
+
+
+# -- trainable modules -------------------------------------------------------------------------------------------
+def _probe(seed: int = 3) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(D, D)
+
+
+@multi_process(world_size=2)
+def test_ddp_trainable_module_gets_the_global_mean_loss_gradient(rank, world_size):
+    """A trainable module used by the root's edit gets the single-process gradient (the DDP convention:
+    the mean of the ranks' losses), not the sum over ranks; uneven slices (3 rows, 2 rows)."""
+    sizes = [3, 2]
+    idx = tokens(sum(sizes))
+    mine = idx[row_slices(sizes)[rank]]
+    probe = _probe()
+    ref = reference_run(tiny_gpt(), idx, [HookSpec("forward", "layers.0.mlp", lambda x: x + probe(x).flip(0))])
+    model = DDP(tiny_gpt())
+    output_dict: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(model, output_dict, data_parallel_size=world_size)
+    flex.register_trainable_module("probe", _probe())
+    flex.register_forward_hook(HookFunction(
+        "layers.0.mlp", editing_function=lambda m, x, ctx, mods: x + mods["probe"](x).flip(0)))
+    out = flex(mine)
+    torch.testing.assert_close(out.detach(), ref.out[row_slices(sizes)[rank]])
+    flex_backward(out, mine, idx.numel() - idx.shape[0], world_size)
+    check_grads(ddp_grads(model), ref)
+    got = {n: p.grad for n, p in flex.trainable_modules["probe"].named_parameters()}
+    if rank == 0:
+        check_grads(got, Result(ref.out, {}, {n: p.grad for n, p in probe.named_parameters()}))
+    else:
+        assert all(g is None for g in got.values()), "the edit runs on the root only"

@@ -201,6 +201,9 @@ class EditedOnRoot:
     shapes: List[Tuple[int, ...]]
     leaf: Optional[torch.Tensor] = None  # root: the full input, a leaf of the edit's graph
     edited: Optional[torch.Tensor] = None  # root: edit(leaf)
+    # The gathered gradient is that of the SUM of the dp ranks' losses; trainable modules in the edit get
+    # it divided by this (dp, for the DDP/FSDP mean-of-losses convention); d x_full is left as it was.
+    grad_scale: float = 1.0
 
 
 class ScatterEdit(torch.autograd.Function):
@@ -219,7 +222,7 @@ class ScatterEdit(torch.autograd.Function):
         grad_x = None
         if job.peers.is_root:
             if job.edited.requires_grad:
-                torch.autograd.backward(job.edited, grad_full, retain_graph=True)
-            grad_x = job.leaf.grad if job.leaf.grad is not None else torch.zeros_like(job.leaf)
+                torch.autograd.backward(job.edited, grad_full / job.grad_scale, retain_graph=True)
+            grad_x = job.leaf.grad * job.grad_scale if job.leaf.grad is not None else torch.zeros_like(job.leaf)
             job.leaf.grad = None
         return scatter_from_root(job.peers, grad_x, job.placement, job.shapes, grad_local), None, None

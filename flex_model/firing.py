@@ -221,6 +221,7 @@ def _edit_across(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Mod
     if status == C.UNCHANGED:
         return None
     if flag:
-        job = C.EditedOnRoot(peers, placement, shapes, leaf, edited)
+        dp_mean = peers.dp if placement.dp_dim is not None and rt.dp_grad_mean else 1  # trainable modules' grads
+        job = C.EditedOnRoot(peers, placement, shapes, leaf, edited, grad_scale=dp_mean)
         return C.ScatterEdit.apply(local, torch.empty(0, requires_grad=True), job)
     return C.scatter_from_root(peers, edited.detach() if edited is not None else None, placement, shapes, local)
