@@ -130,7 +130,9 @@ def _from_owner(flex: FlexModel, value: int) -> int:
     """The owner's ``value`` on every rank of the wrapped group."""
     if flex.layout.is_single:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    on_gpu = dist.get_backend(flex.process_group) == "nccl"  # NCCL only moves CUDA tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.broadcast(t, src=flex.layout.owner, group=flex.process_group)
     return int(t.item())
 
