@@ -164,6 +164,8 @@ def test_edit_matches_plain_torch_hook(case: Case, edit_name: str) -> None:
     logits = run(flex, idx)
 
     assert len(ref_captured) == 1 and len(output_dict[case.name]) == 1 and len(calls) == 1
+    owner = case.name.rsplit(".", 1)[0] if case.hook_type == "tensor" else case.name
+    assert calls[0] is model.get_submodule(owner)  # the editing function gets the hooked (or owning) module
     assert torch.equal(output_dict[case.name][0], ref_captured[0]), "captured value differs (must be pre-edit)"
     assert not torch.equal(edit(ref_captured[0]), ref_captured[0])  # the edit changes something
     assert torch.equal(logits, ref_logits)
