@@ -1,6 +1,7 @@
 """Activation dumps on disk: DDP round trip vs one process, kill + resume, corruption, lazy range reads."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -164,6 +165,13 @@ def test_flipped_bytes_and_truncation_are_detected(tmp_path):
         _single_dump(tmp_path)
 
 
+def _data_offsets(path: Path, name: str) -> tuple:
+    """Byte range of tensor ``name`` in a safetensors file's data section (from its JSON header)."""
+    raw = path.read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    return tuple(header[name]["data_offsets"])
+
+
 @pytest.mark.parametrize("batch_dim", [0, 1])
 def test_lazy_range_reads_return_exactly_those_rows(tmp_path, batch_dim):
     reader = _single_dump(tmp_path, batches_per_shard=2, batch_dim=batch_dim)
@@ -181,6 +189,18 @@ def test_lazy_range_reads_return_exactly_those_rows(tmp_path, batch_dim):
                                ref["layers.0.mlp"].narrow(batch_dim, 0, first_two), rtol=0, atol=0)
     with pytest.raises(ShardCorrupted, match="missing"):
         fresh.read("layers.0.mlp", first_two, first_two + 1)
+    # without hashing, a read touches only its tensor's rows: bytes changed in another tensor go unseen
+    shard0 = tmp_path / "shard-00000.safetensors"
+    header_len = 8 + int.from_bytes(shard0.read_bytes()[:8], "little")
+    data = bytearray(shard0.read_bytes())
+    lo, hi = _data_offsets(shard0, "layers.0.mlp")
+    data[header_len + lo: header_len + hi] = bytes(hi - lo)  # zero every byte of another tensor
+    shard0.write_bytes(bytes(data))
+    lazy = ActivationReader(tmp_path, verify_on_read=False)
+    torch.testing.assert_close(lazy.read("ln_f", 0, 3), ref["ln_f"].narrow(batch_dim, 0, 3), rtol=0, atol=0)
+    assert lazy.read("layers.0.mlp", 0, 1).abs().sum() == 0
+    with pytest.raises(ShardCorrupted, match="shard-00000.safetensors fails its sha256 check"):
+        ActivationReader(tmp_path).read("ln_f", 0, 3)
     with pytest.raises(IndexError, match=f"has {rows} rows"):
         fresh.read("ln_f", 0, rows + 1)
     with pytest.raises(KeyError, match="ln_f"):

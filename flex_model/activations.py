@@ -235,15 +235,22 @@ def _sha256(path: Path) -> str:
 
 
 class ActivationReader:
-    """Lazy reader of a dump: ``read(name, start, stop)`` opens only the shards holding those rows."""
+    """Lazy reader of a dump: ``read(name, start, stop)`` opens only the shards holding those rows.
 
-    def __init__(self, path: Union[str, os.PathLike]) -> None:
+    With ``verify_on_read`` (default) the first read touching a shard checks
+    its size and sha256, which reads that file once; with False only its size
+    is checked and only the requested rows of one tensor are read (call
+    ``verify()`` to check everything at once).
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], verify_on_read: bool = True) -> None:
         self.path = Path(path)
         if not (self.path / INDEX).exists():
             raise FileNotFoundError(f"{self.path} has no {INDEX}; is it the out_dir of dump_activations?")
         self.index = json.loads((self.path / INDEX).read_text())
         self.batch_dim: int = self.index["batch_dim"]
         self._checked: set = set()
+        self.verify_on_read = verify_on_read
 
     @property
     def names(self) -> List[str]:
@@ -272,7 +279,7 @@ class ActivationReader:
             lo, hi = max(start, shard["rows"][0]), min(stop, shard["rows"][1])
             if lo >= hi:
                 continue
-            self._check(shard)
+            self._check(shard, hash_it=self.verify_on_read)
             with safe_open(str(self.path / shard["file"]), framework="pt") as f:
                 rows = (slice(None),) * self.batch_dim + (slice(lo - shard["rows"][0], hi - shard["rows"][0]),)
                 pieces.append(f.get_slice(name)[rows])
@@ -287,7 +294,7 @@ class ActivationReader:
         for shard in self.index["shards"]:
             self._check(shard, force=True)
 
-    def _check(self, shard: Dict[str, Any], force: bool = False) -> None:
+    def _check(self, shard: Dict[str, Any], force: bool = False, hash_it: bool = True) -> None:
         if shard["file"] in self._checked and not force:
             return
         path = self.path / shard["file"]
@@ -298,6 +305,8 @@ class ActivationReader:
         if size != shard["bytes"]:
             raise ShardCorrupted(f"{path} has {size} bytes but {INDEX} recorded {shard['bytes']}: it is truncated "
                                  f"or partial; {fix}")
+        if not hash_it:
+            return
         digest = _sha256(path)
         if digest != shard["sha256"]:
             raise ShardCorrupted(f"{path} fails its sha256 check (index {shard['sha256'][:12]}…, file "
