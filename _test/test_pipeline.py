@@ -124,3 +124,57 @@ def test_two_stage_pipeline(dtype):
 def test_two_stage_pipeline_times_two_data_parallel(rank, world_size):
     """PP=2 × DP=2: stage roots gather their dp ranks' batch slices, then ship to rank 0."""
     _pipeline_body(rank, world_size, torch.float32)
+
+
+def _torch_pipelining_body(rank: int, world_size: int) -> None:
+    """``torch.distributed.pipelining``: PipelineStage + ScheduleGPipe, 2 microbatches; hooks fire once
+    per microbatch, so each capture is the reference's split in two along the batch."""
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ref0, ref1 = Stage0(), Stage1()
+    idx, w = torch.randint(0, V, (B, T)), torch.randn(B, T, V)
+    specs = stage_specs(1, torch.float32)
+    want: Dict[str, List[torch.Tensor]] = {}
+    handles = reference_hooks(ref0, specs[0], want) + reference_hooks(ref1, specs[1], want)
+    ref_out = ref1(ref0(idx))
+    (ref_out * w).sum().backward()
+    for h in handles:
+        h.remove()
+
+    mine = copy.deepcopy((ref0, ref1)[rank])
+    mine.zero_grad(set_to_none=True)
+    got: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(mine, got, pipeline_parallel_size=2)
+    flex_hooks(flex, specs[0] + specs[1])
+    mb = B // 2
+    # Static stage metadata (no shape inference run); requires_grad=True marks what gets gradients.
+    example_in = idx[:mb] if rank == 0 else torch.zeros(mb, T, D, requires_grad=True)
+    example_out = torch.zeros(mb, T, (D, V)[rank], requires_grad=True)
+    stage = PipelineStage(mine, rank, 2, torch.device("cpu"), input_args=example_in, output_args=example_out)
+    schedule = ScheduleGPipe(stage, n_microbatches=2, loss_fn=lambda out, target: (out * target).sum(),
+                             scale_grads=False)
+    if rank == 0:
+        schedule.step(idx)
+    else:
+        out = schedule.step(target=w)
+        assert_close(out, ref_out)
+    ref = (ref0, ref1)[rank]
+    for name, p in mine.named_parameters():
+        assert_close(p.grad, ref.get_parameter(name).grad, msg=lambda m, name=name: f"grad {name}: {m}")
+
+    flex.gather_pipeline_outputs()
+    if rank == 0:
+        assert sorted(got) == sorted(want)
+        for name in want:
+            if name.endswith(".weight"):  # a parameter's grad: one firing per microbatch, summed
+                assert_close(sum(got[name]), want[name][0], msg=lambda m, name=name: f"{name}: {m}")
+            else:
+                assert_close(torch.cat(got[name]), torch.cat(want[name]), msg=lambda m, name=name: f"{name}: {m}")
+    flex.restore()
+
+
+@multi_process(world_size=2)
+def test_torch_pipelining_gpipe(rank, world_size):
+    _torch_pipelining_body(rank, world_size)
