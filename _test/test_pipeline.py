@@ -22,7 +22,9 @@ from torch.testing import assert_close
 
 from _test.distributed import multi_process, run_ranks
 from _test.models import Block
-from _test.test_distributed_tp import Spec, check_captures, flex_hooks, mix_hidden, reference_hooks
+from _test.test_distributed_tp import (FAIRSCALE_DIMS, Net, Spec, check_captures, check_grads, fairscale_net,
+                                       flex_hooks, mix_hidden, reference_hooks, shard)
+from _test.test_distributed_tp import B as TB, D as TD, H as TH, T as TT, V as TV
 from flex_model import FlexModel, ParallelLayout
 
 V, D, NH, HID, B, T = 23, 16, 2, 32, 4, 6
@@ -178,3 +180,94 @@ def _torch_pipelining_body(rank: int, world_size: int) -> None:
 @multi_process(world_size=2)
 def test_torch_pipelining_gpipe(rank, world_size):
     _torch_pipelining_body(rank, world_size)
+
+
+# -- TP × DP × PP = 2 × 2 × 2 with fairscale layers ------------------------------------------------
+class Mlp2(nn.Module):
+    """Stage 1 of the 3-D run (its own names, so no hook name resolves on both stages)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up2, self.act2, self.down2 = nn.Linear(TD, TH), nn.GELU(), nn.Linear(TH, TD)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down2(self.act2(self.up2(x)))
+
+
+MLP2_DIMS = {"up2.weight": 0, "up2.bias": 0, "down2.weight": 1, "down2.bias": None}
+
+
+def fairscale_mlp2(ref: Mlp2, tp_rank: int, tp: int) -> Mlp2:
+    from fairscale.nn.model_parallel import layers as L
+
+    net = Mlp2()
+    net.up2 = L.ColumnParallelLinear(TD, TH, gather_output=False, init_method=lambda w: None)
+    net.down2 = L.RowParallelLinear(TH, TD, input_is_parallel=True, init_method=lambda w: None)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(shard(ref.get_parameter(name), MLP2_DIMS[name], tp_rank, tp))
+    return net
+
+
+@multi_process(world_size=8, timeout=180)
+def test_tp2_dp2_pp2_fairscale(rank, world_size):
+    """8 ranks: each stage tensor parallel (fairscale) and data parallel; captures of split values on
+    both stages reach rank 0 in full; an edit mixing stage 1's split dim; every gradient."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    torch.set_num_threads(1)
+    fs.initialize_model_parallel(2, pipeline_length=2)
+    layout = ParallelLayout.from_sizes(tp=2, pp=2, dp=2)  # fairscale's order
+    me = layout.my
+    assert (me["tp"], me["dp"]) == (fs.get_model_parallel_rank(), fs.get_data_parallel_rank())
+    torch.manual_seed(0)
+    ref0, ref1 = Net(), Mlp2()
+    idx, w = torch.randint(0, TV, (TB, TT)), torch.randn(TB, TT, TD)
+    a = torch.randn(TH, TH) / TH ** 0.5
+    spec0: Spec = [("pemb", "forward", None), ("up", "forward", None), ("down", "forward_pre", None),
+                   ("down", "full_backward", None), ("up.weight", "tensor", None)]
+    spec1: Spec = [("up2", "forward", mix_hidden(a)), ("down2", "forward_pre", None),
+                   ("up2", "full_backward_pre", None), ("down2.weight", "tensor", None)]
+    want: Dict[str, List[torch.Tensor]] = {}
+    handles = reference_hooks(ref0, spec0, want) + reference_hooks(ref1, spec1, want)
+    ref_out = ref1(ref0(idx))
+    ((ref_out * w).sum() / TB).backward()
+    for h in handles:
+        h.remove()
+
+    mine = fairscale_net(ref0, me["tp"], 2) if me["pp"] == 0 else fairscale_mlp2(ref1, me["tp"], 2)
+    got: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(mine, got, tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=2)
+    flex_hooks(flex, spec0 + spec1)
+    rows = slice(me["dp"] * TB // 2, (me["dp"] + 1) * TB // 2)
+    other = layout.global_rank(me["dp"], 1 - me["pp"], me["tp"])  # the same tp rank of the other stage
+    if me["pp"] == 0:
+        h = flex(idx[rows])
+        dist.send(h.detach().contiguous(), dst=other)
+        grad = torch.empty_like(h)
+        dist.recv(grad, src=other)
+        h.backward(grad)
+    else:
+        h = torch.empty(TB // 2, TT, TD)
+        dist.recv(h, src=other)
+        h.requires_grad_()
+        out = flex(h)
+        assert_close(out, ref_out[rows])
+        unedited = Mlp2.forward(ref1, Net.forward(ref0, idx))
+        assert not torch.allclose(out, unedited[rows]), "the edit on stage 1 did not change the output"
+        ((out * w[rows]).sum() / (TB // 2)).backward()
+        dist.send(h.grad.contiguous(), dst=other)
+    for p in mine.parameters():  # what DDP would do
+        dist.all_reduce(p.grad, group=fs.get_data_parallel_group())
+        p.grad /= 2
+    if me["pp"] == 0:
+        check_grads(mine, ref0, FAIRSCALE_DIMS, me["tp"], 2)
+    else:
+        check_grads(mine, ref1, MLP2_DIMS, me["tp"], 2)
+    flex.gather_pipeline_outputs()
+    if rank == 0:
+        check_captures(got, want)
+    else:
+        assert got == {}, f"rank {rank} kept {sorted(got)}"
+    flex.restore()
+    fs.destroy_model_parallel()
