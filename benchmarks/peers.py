@@ -16,7 +16,9 @@ Variants (each forward under ``torch.no_grad``, one thread):
 - ``nnsight``: ``NNsight(model).trace(tokens)`` saving every ``transformer.h[i].output``
   (kept by reference).
 
-Time: median over interleaved rounds (every variant once per round). Memory: the
+Time: the process's CPU time per forward (robust to other jobs on a shared machine;
+wall-clock is printed too), median over interleaved rounds (every variant once per
+round); ratios use CPU time. Memory: the
 peak growth of the C heap in use (glibc ``mallinfo2``, sampled every 0.5 ms) during
 one forward, captures included -- tracemalloc does not see torch's allocations, and
 the resident set size hides reuse of freed memory. A peer that is not installed is
@@ -31,6 +33,7 @@ import json
 import statistics
 import threading
 import time
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -109,6 +112,7 @@ def build_variants(n_layers: int, tokens: torch.Tensor) -> Dict[str, Optional[Ca
     variants["flex_model"] = flex_model
 
     try:
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
         from transformer_lens import HookedTransformer, HookedTransformerConfig
     except ImportError:
         variants["tl_plain"] = variants["tl_cache"] = None
@@ -155,7 +159,8 @@ def main() -> None:
     tokens = torch.randint(0, 50257, (a.batch, a.seq))
     variants = build_variants(a.layers, tokens)
     live = {k: v for k, v in variants.items() if v is not None}
-    times: Dict[str, List[float]] = {k: [] for k in live}
+    times: Dict[str, List[float]] = {k: [] for k in live}  # process CPU seconds
+    walls: Dict[str, List[float]] = {k: [] for k in live}
     memory: Dict[str, float] = {}
     with torch.no_grad():
         reference = None
@@ -170,10 +175,12 @@ def main() -> None:
             memory[name] = peak_heap_growth(fn)
         for _ in range(a.rounds):
             for name, fn in live.items():
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 fn()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(time.process_time() - cpu)
+                walls[name].append(time.perf_counter() - start)
     median = {k: statistics.median(v) for k, v in times.items()}
+    wall = {k: statistics.median(v) for k, v in walls.items()}
     ratios = {k: round(v / median["plain"], 4) for k, v in median.items() if k != "plain"}
     ratios["flex_model_vs_hooks"] = round(median["flex_model"] / median["hooks"], 4)
     if a.json:
@@ -181,15 +188,14 @@ def main() -> None:
         return
     print(f"GPT-2 small-sized ({a.layers} x 768, random weights), batch {a.batch} x {a.seq} tokens, 1 thread, "
           f"median of {a.rounds} rounds; torch {torch.__version__}")
-    print(f"| variant | ms / forward | x plain | x hooks | peak heap growth (MB) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| variant | CPU ms / forward | x plain | x hooks | wall ms / forward | peak heap growth (MB) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in variants:
         if name not in live:
-            print(f"| {name} | skipped (not installed) | | | |")
+            print(f"| {name} | skipped (not installed) | | | | |")
             continue
         print(f"| {name} | {median[name] * 1e3:.1f} | {median[name] / median['plain']:.3f} | "
-              f"{median[name] / median['hooks']:.3f} | {memory[name]:.0f} |")
-
+              f"{median[name] / median['hooks']:.3f} | {wall[name] * 1e3:.1f} | {memory[name]:.0f} |")
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
     python benchmarks/sharded_overhead.py            # spawns 2 CPU ranks (gloo), prints a table
     python benchmarks/sharded_overhead.py --json     # one line: {"dp2": r, "tp2": r, "tp2_split": r}
     python benchmarks/sharded_overhead.py --quick    # a smaller model, fewer repeats
+    python benchmarks/sharded_overhead.py --quick --profile   # + each rank's cProfile of the flex forwards
 
 Model: the LLaMA-style model of ``examples/megatron_fairscale.py``. Configs:
 
@@ -25,12 +26,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
+import pstats
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -61,7 +65,7 @@ def hand_hook(split_dim, store: List[torch.Tensor]) -> Callable:
 
 
 def time_config(module: nn.Module, flex: FlexModel, names: List[str], split_dim, tokens: torch.Tensor,
-                rounds: int, warmup: int) -> Dict[str, float]:
+                rounds: int, warmup: int, profiler: Optional[cProfile.Profile] = None) -> Dict[str, float]:
     """Median seconds per forward of the plain, hand and flex variants (interleaved rounds)."""
     inner = getattr(module, "module", module)  # hand hooks go on the model inside DDP
     times: Dict[str, List[float]] = {"plain": [], "hand": [], "flex": []}
@@ -76,8 +80,13 @@ def time_config(module: nn.Module, flex: FlexModel, names: List[str], split_dim,
                 handles = []
             dist.barrier()
             start = time.perf_counter()
+            profiling = profiler is not None and variant == "flex" and r >= warmup
+            if profiling:
+                profiler.enable()
             with torch.no_grad():
                 (flex if variant == "flex" else module)(tokens)
+            if profiling:
+                profiler.disable()
             dist.barrier()
             elapsed = time.perf_counter() - start
             for h in handles:
@@ -91,11 +100,12 @@ def time_config(module: nn.Module, flex: FlexModel, names: List[str], split_dim,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main(quick: bool, as_json: bool) -> None:
+def main(quick: bool, as_json: bool, rounds: int, profile: bool) -> None:
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     n_layers, dim, batch, seq = (2, 128, 4, 64) if quick else (4, 256, 8, 128)
-    rounds, warmup = (7, 2) if quick else (21, 3)
+    rounds, warmup = (rounds or (7 if quick else 31)), 3
+    profiler = cProfile.Profile() if profile else None
     torch.manual_seed(1)
     tokens = torch.randint(0, 128, (batch, seq))
     results = {}
@@ -106,18 +116,26 @@ def main(quick: bool, as_json: bool) -> None:
     ddp = nn.parallel.DistributedDataParallel(plain)
     flex = FlexModel(ddp, {}, data_parallel_size=world)
     blocks = [f"layers.{i}" for i in range(n_layers)]
-    results["dp2"] = time_config(ddp, flex, blocks, 0, tokens.chunk(world)[rank], rounds, warmup)
+    results["dp2"] = time_config(ddp, flex, blocks, 0, tokens.chunk(world)[rank], rounds, warmup, profiler)
     flex.restore()
 
     # tp2 / tp2_split: the fairscale model, every rank the whole batch.
     with contextlib.redirect_stdout(sys.stderr):  # fairscale prints its initialisation
         sharded, _ = build_pair(world, n_layers=n_layers, dim=dim)
     flex = FlexModel(sharded, {}, tensor_parallel_size=world)
-    results["tp2"] = time_config(sharded, flex, blocks, None, tokens, rounds, warmup)
+    results["tp2"] = time_config(sharded, flex, blocks, None, tokens, rounds, warmup, profiler)
     w1 = [f"layers.{i}.feed_forward.w1" for i in range(n_layers)]
-    results["tp2_split"] = time_config(sharded, flex, w1, -1, tokens, rounds, warmup)
+    results["tp2_split"] = time_config(sharded, flex, w1, -1, tokens, rounds, warmup, profiler)
     flex.restore()
 
+    if profiler is not None:
+        for r in range(world):  # each rank's profile of its flex forwards, in turn
+            if r == rank:
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(10)
+                print(f"--- rank {rank}: cProfile of the flex forwards, by own time ---\n{text.getvalue()}",
+                      file=sys.stderr, flush=True)
+            dist.barrier()
     if rank != 0:
         return
     ratios = {k: round(v["flex"] / v["hand"], 4) for k, v in results.items()}
@@ -126,15 +144,19 @@ def main(quick: bool, as_json: bool) -> None:
         return
     print(f"{n_layers} layers, dim {dim}, batch {batch} x {seq} tokens, 2 CPU ranks (gloo), "
           f"median of {rounds} rounds")
-    print(f"{'config':<10} {'plain ms':>9} {'hand ms':>9} {'flex ms':>9} {'flex/hand':>10} {'flex/plain':>11}")
+    print("| config | plain ms | hand ms | flex ms | flex / hand | flex / plain | flex - hand per hook (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for k, v in results.items():
-        print(f"{k:<10} {v['plain'] * 1e3:9.2f} {v['hand'] * 1e3:9.2f} {v['flex'] * 1e3:9.2f} "
-              f"{v['flex'] / v['hand']:10.3f} {v['flex'] / v['plain']:11.3f}")
+        print(f"| {k} | {v['plain'] * 1e3:.2f} | {v['hand'] * 1e3:.2f} | {v['flex'] * 1e3:.2f} | "
+              f"{v['flex'] / v['hand']:.3f} | {v['flex'] / v['plain']:.3f} | "
+              f"{(v['flex'] - v['hand']) * 1e3 / n_layers:.2f} |")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON line of flex/hand ratios")
     parser.add_argument("--quick", action="store_true", help="smaller model, fewer rounds")
+    parser.add_argument("--rounds", type=int, default=0, help="timed rounds (default 31; 7 with --quick)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the flex forwards on every rank (stderr)")
     a = parser.parse_args()
-    launch(main, nprocs=2, args=(a.quick, a.json))
+    launch(main, nprocs=2, args=(a.quick, a.json, a.rounds, a.profile))
