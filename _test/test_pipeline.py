@@ -25,7 +25,7 @@ from _test.models import Block
 from _test.test_distributed_tp import (FAIRSCALE_DIMS, Net, Spec, check_captures, check_grads, fairscale_net,
                                        flex_hooks, mix_hidden, reference_hooks, shard)
 from _test.test_distributed_tp import B as TB, D as TD, H as TH, T as TT, V as TV
-from flex_model import FlexModel, ParallelLayout
+from flex_model import FlexModel, HookFunction, ParallelLayout
 
 V, D, NH, HID, B, T = 23, 16, 2, 32, 4, 6
 
@@ -49,13 +49,15 @@ class Stage1(nn.Module):
 
 
 def stage_specs(seed: int, dtype: torch.dtype) -> Tuple[Spec, Spec]:
-    """Hooks of every type on both stages; a non-elementwise edit on stage 1."""
+    """Hooks of every type on both stages; non-elementwise edits on stage 1, forward and backward (the
+    backward one changes the gradient stage 0 receives)."""
     g = torch.Generator().manual_seed(seed)
     a = (torch.randn(HID, HID, generator=g) / HID ** 0.5).to(dtype)
+    a_grad = (torch.randn(D, D, generator=g) / D ** 0.5).to(dtype)
     spec0: Spec = [("emb", "forward", None), ("block0.attn", "forward", None), ("block0.mlp.down", "forward_pre", None),
                    ("block0.mlp", "full_backward_pre", None), ("emb.weight", "tensor", None)]
     spec1: Spec = [("block1.mlp.up", "forward", mix_hidden(a)), ("block1.ln1", "forward", None),
-                   ("ln_f", "forward", None), ("block1.attn", "full_backward", None),
+                   ("ln_f", "forward", None), ("block1.attn", "full_backward", mix_hidden(a_grad)),
                    ("head.weight", "tensor", None)]
     return spec0, spec1
 
@@ -114,6 +116,8 @@ def _pipeline_body(rank: int, world_size: int, dtype: torch.dtype) -> None:
         assert all(t.dtype == dtype for ts in got.values() for t in ts)
     else:
         assert got == {}, f"rank {rank} kept {sorted(got)}"
+    with pytest.raises(ValueError, match='no module named "block2.attn"'):  # on no stage: fails on every rank
+        flex.register_forward_hook(HookFunction("block2.attn"))
     flex.restore()
 
 
