@@ -60,9 +60,10 @@ class Expansion(ShardwiseEdit):
         h = units.up(x)
         if self.router is not None and self.router.mask_ids is not None:
             w = self.router.weights(h, torch.arange(h.shape[-1], device=h.device) + self.unit_offset)
-            if self.param_level:
+            if self.param_level:  # gradient to x unscaled (through a), to up's weight and bias scaled (p)
                 a = F.linear(x, units.up.weight.detach(), units.up.bias.detach())
-                h = h.detach() + (a - a.detach()) + w * (h - h.detach())
+                p = F.linear(x.detach(), units.up.weight, units.up.bias)
+                h = h.detach() + (a - a.detach()) + w * (p - p.detach())
             else:
                 h = scale_grad(h, w)
         return local + units.down(units.act(h))
