@@ -282,3 +282,18 @@ def test_module_names_and_parameters():
 def test_bad_construction(args, kwargs, error, phrase):
     with pytest.raises(error, match=phrase):
         FlexModel(*args, **kwargs)
+
+
+def test_forward_passes_keyword_arguments_through_to_hf_models():
+    from _test.models import tiny_gpt2
+
+    model = tiny_gpt2()
+    ref = copy.deepcopy(model)
+    output_dict = {}
+    flex = FlexModel(model, output_dict)
+    flex.create_hook_group("mlps", "mlp.c_fc")
+    idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    out = flex(input_ids=idx, use_cache=False, groups="mlps")
+    assert type(out) is type(ref(input_ids=idx))
+    assert torch.equal(out.logits, ref(input_ids=idx, use_cache=False).logits) and out.past_key_values is None
+    assert sorted(output_dict) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
