@@ -11,7 +11,6 @@ captures (the full tensor, on rank 0), edited outputs and every gradient.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -138,9 +137,9 @@ def flex_backward(out: torch.Tensor, idx_local: torch.Tensor, n_tokens_total: in
 
 def check_captures(rank: int, output_dict: Dict[str, List[torch.Tensor]], ref: Result, specs: Sequence[HookSpec],
                    store: str = "root") -> None:
-    """The owner (rank 0) — every rank with ``store="all"`` — holds each full capture; the others nothing."""
-    if rank != 0 and store == "root":
-        assert output_dict == {}, f"rank {rank} stored {sorted(output_dict)} with store='root'"
+    """The owner (rank 0) — every rank with ``store="all"``, none with "none" — holds each full capture."""
+    if store == "none" or (rank != 0 and store == "root"):
+        assert output_dict == {}, f"rank {rank} stored {sorted(output_dict)} with store={store!r}"
         return
     assert sorted(output_dict) == sorted({s.name for s in specs})
     for s in specs:
@@ -219,6 +218,11 @@ def test_ddp_store_all_puts_full_tensor_on_every_rank(rank, world_size):
     run_ddp_case(rank, world_size, specs, [2, 2], store="all")
 
 
+@multi_process(world_size=2)
+def test_ddp_store_none_keeps_nothing_and_still_edits(rank, world_size):
+    run_ddp_case(rank, world_size, five_hook_types(), [2, 2], store="none")
+
+
 class SeqFirstLM(nn.Module):
     """A language model on (seq, batch) tokens: torch's seq-first transformer layer (batch_first=False)."""
 
@@ -260,7 +264,7 @@ def _fail(x: torch.Tensor) -> torch.Tensor:
     raise EditFailed("the editing function gave up")
 
 
-def _next_step_still_works(rank: int, world_size: int, model: nn.Module, flex: FlexModel, idx: torch.Tensor,
+def _next_step_still_works(rank: int, world_size: int, flex: FlexModel, idx: torch.Tensor,
                            mine: torch.Tensor, specs: Sequence[HookSpec], make: Callable[[], nn.Module]) -> None:
     """The group is not wedged: a collective completes and a fresh hook matches one process again."""
     t = torch.tensor([float(rank)])
@@ -291,15 +295,15 @@ def test_edit_raising_on_root_errors_every_rank(rank, world_size):
     if rank != 0:
         assert "layers.0.mlp" in str(info.value) and "EditFailed" in str(info.value), str(info.value)
     handle.remove()
-    _next_step_still_works(rank, world_size, model, flex, idx, mine,
+    _next_step_still_works(rank, world_size, flex, idx, mine,
                            [HookSpec("forward", "layers.1.mlp", lambda x: x @ A)], tiny_gpt)
 
 
 class RankDependentLeaves(nn.Module):
-    """Returns (x, x + 1) on rank 0 but (x,) elsewhere: ``unpack_idx=1`` exists on rank 0 only."""
+    """Returns (x,) on rank 1 but (x, x + 1) elsewhere: ``unpack_idx=1`` is out of range on rank 1 only."""
 
     def forward(self, x: torch.Tensor):
-        return (x, x + 1) if dist.get_rank() == 0 else (x,)
+        return (x,) if dist.get_rank() == 1 else (x, x + 1)
 
 
 class ForkedNet(nn.Module):
@@ -316,8 +320,7 @@ def forked_net(seed: int = 0) -> ForkedNet:
     return ForkedNet()
 
 
-@multi_process(world_size=2, timeout=60)
-def test_failure_on_one_rank_only_errors_every_rank(rank, world_size):
+def _failure_on_rank_1_only(rank: int, world_size: int) -> None:
     x = fixed(2 * world_size, D, seed=3)
     mine = x[rank * 2:(rank + 1) * 2]
     model = DDP(forked_net())
@@ -325,14 +328,24 @@ def test_failure_on_one_rank_only_errors_every_rank(rank, world_size):
     handle = flex.register_forward_hook(HookFunction("fork", editing_function=lambda m, v, ctx, mods: v * 2,
                                                      unpack_idx=1))
     start = time.monotonic()
-    with pytest.raises(HookFailure if rank == 0 else IndexError) as info:
+    with pytest.raises(IndexError if rank == 1 else HookFailure) as info:
         flex(mine)
     assert time.monotonic() - start < 10
-    if rank == 0:
+    if rank != 1:
         assert "rank 1" in str(info.value) and "IndexError" in str(info.value), str(info.value)
     handle.remove()
-    _next_step_still_works(rank, world_size, model, flex, x, mine, [HookSpec("forward", "up", lambda v: v @ A)],
+    _next_step_still_works(rank, world_size, flex, x, mine, [HookSpec("forward", "up", lambda v: v @ A)],
                            forked_net)
+
+
+@multi_process(world_size=2, timeout=60)
+def test_failure_on_one_rank_only_errors_every_rank_2(rank, world_size):
+    _failure_on_rank_1_only(rank, world_size)
+
+
+@multi_process(world_size=4, timeout=60)
+def test_failure_on_one_rank_only_errors_every_rank_4(rank, world_size):
+    _failure_on_rank_1_only(rank, world_size)
 
 
 # -- trainable modules -------------------------------------------------------------------------------------------
@@ -365,3 +378,4 @@ def test_ddp_trainable_module_gets_the_global_mean_loss_gradient(rank, world_siz
         check_grads(got, Result(ref.out, {}, {n: p.grad for n, p in probe.named_parameters()}))
     else:
         assert all(g is None for g in got.values()), "the edit runs on the root only"
+

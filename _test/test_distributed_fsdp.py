@@ -13,7 +13,6 @@ from typing import Dict, List
 
 import pytest
 import torch
-from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
