@@ -409,3 +409,46 @@ def test_dtensor_tiny_gpt_attention_hooks_before_parallelize(rank, world_size):
 @multi_process(world_size=2)
 def test_dtensor_tiny_gpt_attention_hooks_after_parallelize(rank, world_size):
     _dtensor_gpt_body(rank, world_size, "after")
+
+
+@multi_process(world_size=4)
+def test_dtensor_mlp_tp2_dp2_mesh(rank, world_size):
+    """A 2-D ("dp", "tp") mesh: the MLP tensor parallel on mesh["tp"], each dp row its batch slice."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh.get_local_rank("dp")
+    torch.manual_seed(4)
+    ref = Mlp()
+    x, w = torch.randn(B, T, D), torch.randn(B, T, D)
+    a = torch.randn(H, H) / H ** 0.5
+    spec: Spec = [("up", "forward", mix_hidden(a)), ("down", "forward_pre", None), ("down", "forward", None),
+                  ("down", "full_backward", None), ("up.weight", "tensor", mix_rows(a))]
+    want: Dict[str, List[torch.Tensor]] = {}
+    handles = reference_hooks(ref, spec, want)
+    ref_out = ref(x)
+    ((ref_out * w).sum() / B).backward()
+    for h in handles:
+        h.remove()
+
+    net = Mlp()
+    net.load_state_dict(ref.state_dict())
+    parallelize_module(net, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    got: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(net, got, device_mesh=mesh)
+    assert (flex.layout.dp, flex.layout.tp) == (2, 2)
+    flex_hooks(flex, spec)
+    rows = slice(dp_rank * B // 2, (dp_rank + 1) * B // 2)
+    out = flex(x[rows])
+    assert_close(out, ref_out[rows])
+    ((out * w[rows]).sum() / (B // 2)).backward()
+    for name, p in net.named_parameters():
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        dist.all_reduce(grad, group=mesh.get_group("dp"))  # what DDP / FSDP would do
+        assert_close(grad / 2, ref.get_parameter(name).grad, msg=lambda m, name=name: f"grad {name}: {m}")
+    if rank == 0:
+        check_captures(got, want)
+    flex.restore()
