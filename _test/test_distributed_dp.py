@@ -299,6 +299,26 @@ def test_edit_raising_on_root_errors_every_rank(rank, world_size):
                            [HookSpec("forward", "layers.1.mlp", lambda x: x @ A)], tiny_gpt)
 
 
+@multi_process(world_size=2, timeout=60)
+def test_gradient_edit_raising_on_root_errors_every_rank_in_backward(rank, world_size):
+    """The same inside backward (a full_backward_pre edit). DDP cannot start another backward after an
+    aborted one, so the next step checked is a no-grad forward."""
+    idx = tokens()
+    mine = idx[rank * 2:(rank + 1) * 2]
+    model = DDP(tiny_gpt())
+    flex = FlexModel(model, {}, data_parallel_size=world_size)
+    hook = HookFunction("layers.0.mlp", editing_function=lambda m, g, ctx, mods: _fail(g))
+    handle = flex.register_full_backward_pre_hook(hook)
+    out = flex(mine)
+    start = time.monotonic()
+    with pytest.raises(EditFailed if rank == 0 else HookFailure):
+        flex_backward(out, mine, idx.numel() - idx.shape[0], world_size)
+    assert time.monotonic() - start < 10
+    handle.remove()
+    _next_step_still_works(rank, world_size, flex, idx, mine,
+                           [HookSpec("forward", "layers.1.mlp", lambda x: x @ A)], tiny_gpt)
+
+
 class RankDependentLeaves(nn.Module):
     """Returns (x,) on rank 1 but (x, x + 1) elsewhere: ``unpack_idx=1`` is out of range on rank 1 only."""
 
