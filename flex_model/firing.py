@@ -26,6 +26,7 @@ the raw concatenation instead.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -36,7 +37,7 @@ from torch import nn
 from flex_model import collectives as C
 from flex_model.hook_function import HookFunction, Shard, ShardwiseEdit
 from flex_model.layout import ParallelLayout
-from flex_model.placement import Placement, infer_placement, to_local
+from flex_model.placement import Placement, _is_dtensor, infer_placement, to_local
 from flex_model.tree import replace_leaf, tensor_leaves
 
 
@@ -107,6 +108,10 @@ def fire(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Module, val
     """One firing of ``hook`` on ``value``; returns the repacked value, or None for unchanged."""
     if rt.active is not None and hook not in rt.active:
         return None
+    if kind.is_grad and not tensor_leaves(value):  # e.g. grad_input of a module called with keyword args
+        warnings.warn(f'hook "{hook.module_name}" ({hook.hook_type}) got no gradient tensors (its inputs were '
+                      "passed as keyword arguments or need no grad); nothing captured or edited", stacklevel=2)
+        return None
     shardwise = isinstance(hook.editing_function, ShardwiseEdit)
     error, local, placement, rewrap = None, None, None, None
     try:
@@ -114,7 +119,8 @@ def fire(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Module, val
         local, dtensor_dim, rewrap = to_local(leaf)
         placement = infer_placement(module=module, side=kind.side, local=local, layout=rt.layout,
                                     expected_shape=hook.expected_shape, hook_name=hook.module_name,
-                                    dtensor_tp_dim=dtensor_dim, param_name=param_name)
+                                    dtensor_tp_dim=dtensor_dim, param_name=param_name,
+                                    from_dtensor=_is_dtensor(leaf))
     except Exception as e:  # surfaced on every rank by the header exchange
         if rt.peers is None or shardwise:
             raise

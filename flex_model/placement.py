@@ -102,8 +102,12 @@ def to_local(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[int], Callable[[to
 
 def infer_placement(*, module: nn.Module, side: str, local: torch.Tensor, layout: ParallelLayout,
                     expected_shape: Optional[Sequence[Optional[int]]], hook_name: str,
-                    dtensor_tp_dim: Optional[int] = None, param_name: str = "") -> Placement:
-    """The placement of ``local`` (a value on ``side`` "input"/"output"/"param" of ``module``)."""
+                    dtensor_tp_dim: Optional[int] = None, param_name: str = "",
+                    from_dtensor: bool = False) -> Placement:
+    """The placement of ``local`` (a value on ``side`` "input"/"output"/"param" of ``module``).
+
+    ``from_dtensor``: ``local`` came out of a DTensor, whose placement (``dtensor_tp_dim``, None when
+    replicated) wins over the module's: e.g. a colwise layer's output gradient may be Replicate."""
     dp_dim = None
     if layout.dp > 1 and side != "param":
         if local.ndim <= layout.batch_dim % max(local.ndim, 1) or local.ndim == 0:
@@ -112,7 +116,7 @@ def infer_placement(*, module: nn.Module, side: str, local: torch.Tensor, layout
         dp_dim = layout.batch_dim % local.ndim
     tp_dim = None
     if layout.tp > 1:
-        if dtensor_tp_dim is not None:
+        if from_dtensor or dtensor_tp_dim is not None:
             tp_dim = dtensor_tp_dim
         elif side == "param":
             tp_dim = param_tp_dim(module, param_name, local)

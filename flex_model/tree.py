@@ -56,8 +56,11 @@ def _rebuild(obj: Any, children: List[Any]) -> Any:
 
 
 def replace_leaf(obj: Any, index: int, new_leaf: torch.Tensor) -> Any:
-    """``obj`` with its ``index``-th tensor leaf replaced; containers keep their type."""
-    counter = [index]
+    """``obj`` with its ``index``-th tensor leaf replaced (negative: from the end); containers keep their type."""
+    n = len(tensor_leaves(obj))
+    if not -n <= index < n:
+        raise IndexError(f"tensor leaf index {index} is out of range: the value has {n} tensor leaves")
+    counter = [index % n]
 
     def visit(node: Any) -> Any:
         if isinstance(node, torch.Tensor):
