@@ -213,10 +213,14 @@ def fairscale_mlp2(ref: Mlp2, tp_rank: int, tp: int) -> Mlp2:
     return net
 
 
-@multi_process(world_size=8, timeout=180)
-def test_tp2_dp2_pp2_fairscale(rank, world_size):
+@pytest.mark.parametrize("sizes", [True, False], ids=["sizes_given", "layout_read_from_fairscale"])
+def test_tp2_dp2_pp2_fairscale(sizes):
     """8 ranks: each stage tensor parallel (fairscale) and data parallel; captures of split values on
     both stages reach rank 0 in full; an edit mixing stage 1's split dim; every gradient."""
+    run_ranks(_tp_dp_pp_body, 8, sizes, timeout=180)
+
+
+def _tp_dp_pp_body(rank: int, world_size: int, sizes: bool) -> None:
     from fairscale.nn.model_parallel import initialize as fs
 
     torch.set_num_threads(1)
@@ -241,7 +245,11 @@ def test_tp2_dp2_pp2_fairscale(rank, world_size):
 
     mine = fairscale_net(ref0, me["tp"], 2) if me["pp"] == 0 else fairscale_mlp2(ref1, me["tp"], 2)
     got: Dict[str, List[torch.Tensor]] = {}
-    flex = FlexModel(mine, got, tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=2)
+    if sizes:
+        flex = FlexModel(mine, got, tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=2)
+    else:
+        flex = FlexModel(mine, got)
+    assert flex.layout == layout, flex.layout
     flex_hooks(flex, spec0 + spec1)
     rows = slice(me["dp"] * TB // 2, (me["dp"] + 1) * TB // 2)
     other = layout.global_rank(me["dp"], 1 - me["pp"], me["tp"])  # the same tp rank of the other stage
