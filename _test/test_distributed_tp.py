@@ -130,7 +130,7 @@ def mix_rows(a: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda g: a @ g
 
 
-def _fairscale_body(rank: int, world_size: int, sizes: bool) -> None:
+def _fairscale_body(rank: int, world_size: int, sizes: bool, store: str = "root") -> None:
     from fairscale.nn.model_parallel import initialize as fs
 
     torch.set_num_threads(1)
@@ -154,7 +154,10 @@ def _fairscale_body(rank: int, world_size: int, sizes: bool) -> None:
 
     net = fairscale_net(ref, tp_rank, tp)
     got: Dict[str, List[torch.Tensor]] = {}
-    flex = FlexModel(net, got, tensor_parallel_size=tp, data_parallel_size=dp) if sizes else FlexModel(net, got)
+    if sizes:
+        flex = FlexModel(net, got, tensor_parallel_size=tp, data_parallel_size=dp, store=store)
+    else:
+        flex = FlexModel(net, got, store=store)
     assert (flex.layout.tp, flex.layout.dp, flex.layout.pp) == (tp, dp, 1)
     # "act" is a plain GELU on a split value: only expected_shape says so.
     flex_hooks(flex, spec, expected={"act": (None, None, H)})
@@ -167,7 +170,7 @@ def _fairscale_body(rank: int, world_size: int, sizes: bool) -> None:
         dist.all_reduce(p.grad, group=fs.get_data_parallel_group())
         p.grad /= dp
     check_grads(net, ref, FAIRSCALE_DIMS, tp_rank, tp)
-    if rank == 0:
+    if rank == 0 or store == "all":
         check_captures(got, want)
     else:
         assert got == {}, f"rank {rank} stored {sorted(got)}"
@@ -188,6 +191,12 @@ def _fairscale_body(rank: int, world_size: int, sizes: bool) -> None:
 def test_fairscale_tp2(rank, world_size):
     """Embeddings, column/row parallel linears at TP=2: captures, a mixing edit, backward edit, grads."""
     _fairscale_body(rank, world_size, sizes=True)
+
+
+@multi_process(world_size=2)
+def test_fairscale_tp2_store_all(rank, world_size):
+    """store="all": every rank's output_dict holds the full captures."""
+    _fairscale_body(rank, world_size, sizes=True, store="all")
 
 
 @multi_process(world_size=4)

@@ -281,5 +281,7 @@ def _tp_dp_pp_body(rank: int, world_size: int, sizes: bool) -> None:
         check_captures(got, want)
     else:
         assert got == {}, f"rank {rank} kept {sorted(got)}"
+    name = ("up.weight", "down2.weight")[me["pp"]]  # collective over the stage that holds it
+    assert_close(flex.get_module_parameter(name), (ref0, ref1)[me["pp"]].get_parameter(name))
     flex.restore()
     fs.destroy_model_parallel()
