@@ -109,6 +109,16 @@ def test_ddp_dump_stopped_midway_resumes_to_the_same_files(tmp_path):
     _assert_same_dump(whole, cut)
 
 
+def test_ddp_write_failure_on_the_owner_raises_on_every_rank(tmp_path):
+    (tmp_path / "shard-00001.safetensors").mkdir()  # the owner cannot put shard 1 there
+    with pytest.raises(AssertionError) as info:
+        run_ranks(_ddp_dump, 2, str(tmp_path), timeout=60)
+    report = str(info.value)
+    assert "IsADirectoryError" in report.split("rank 1")[0], report  # rank 0: the real error
+    assert "the owner rank 0 failed to write the shard of batches [2, 4)" in report, report  # rank 1
+    assert [s["file"] for s in ActivationReader(tmp_path).index["shards"]] == ["shard-00000.safetensors"]
+
+
 def _single_dump(out_dir, batches_per_shard=2, names=NAMES, batch_dim=0) -> ActivationReader:
     flex = FlexModel(_model(), {}, batch_dim=batch_dim)
     return dump_activations(flex, _batches(), out_dir, names, batches_per_shard=batches_per_shard, progress=False)
