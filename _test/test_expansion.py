@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _test.distributed import multi_process
 from _test.models import TinyGPT, lm_loss
-from flex_model import FlexModel, RouteActivation, Router, expand
+from flex_model import FlexModel, ParallelLayout, RouteActivation, Router, expand
 
 D_HIDDEN, D_EXPAND = 64, 8
 LAYERS = ["layers.0.mlp", "layers.1.mlp"]
@@ -122,3 +123,41 @@ def test_expansion_errors():
     with expanded.hooks[0].editing_function.router.masks(torch.zeros(2, 5, dtype=torch.long)), \
             pytest.raises(ValueError, match="mask_ids has shape"):
         flex(tokens(batch=2, seq=6), groups="expand")
+
+
+def _routed_expansion_grads(flex, model, expanded, router, idx, mask) -> dict:
+    with router.masks(mask):
+        lm_loss(flex(idx, groups=["expand", "route"]), idx).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads.update({f"{k}.{n}": p.grad.clone() for k, u in expanded.units.items() for n, p in u.named_parameters()})
+    return grads
+
+
+@multi_process(2)
+def test_routed_expansion_under_ddp(rank, world_size):
+    """Each rank routes its batch slice; after all_reduce_grads every gradient is the single-process one."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    table = {0: [-0.75, 1.0], 1: [1.0, 0.0]}
+    idx = tokens()
+    mask = torch.randint(0, 2, idx.shape, generator=torch.Generator().manual_seed(2))
+    results = []
+    for distributed in (False, True):
+        router = Router(D_HIDDEN + D_EXPAND, [(0, D_HIDDEN), (D_HIDDEN, D_HIDDEN + D_EXPAND)], table)
+        torch.manual_seed(0)
+        model = TinyGPT(vocab=61, d_model=32, n_heads=4, n_layers=2, d_hidden=D_HIDDEN, max_len=16)
+        flex = FlexModel(DDP(model), {}) if distributed else FlexModel(model, {}, layout=ParallelLayout.single())
+        expanded = expand(flex, LAYERS, D_EXPAND, router=router, unit_offset=D_HIDDEN)
+        flex.create_hook_group("route", "mlp.up", editing_function=RouteActivation(router))
+        torch.manual_seed(3)
+        randomize_down(expanded)
+        mine = slice(2 * rank, 2 * rank + 2) if distributed else slice(None)
+        grads = _routed_expansion_grads(flex, model, expanded, router, idx[mine], mask[mine])
+        if distributed:
+            expanded.all_reduce_grads()
+            grads.update({f"{k}.{n}": p.grad for k, u in expanded.units.items() for n, p in u.named_parameters()})
+            flex.restore()
+        results.append(grads)
+    for n, g in results[0].items():
+        torch.testing.assert_close(results[1][n], g, rtol=1e-5, atol=1e-6, msg=n)

@@ -101,7 +101,8 @@ class Router:
         self.hidden_size = hidden_size
         self.blocks = check_blocks(blocks, hidden_size)
         if not weights:
-            raise ValueError("the weight table is empty; give {class_id: [weight per block]}, e.g. {0: [0.0], 1: [1.0]}")
+            raise ValueError("the weight table is empty; give {class_id: [weight per block]}, "
+                             "e.g. {0: [0.0], 1: [1.0]}")
         bad = [c for c in weights if not isinstance(c, int) or isinstance(c, bool) or c < 0]
         if bad:
             raise ValueError(f"class ids must be non-negative ints, got {bad}")

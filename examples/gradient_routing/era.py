@@ -40,7 +40,8 @@ CONFIGS = {
     "test": dict(steps=120, batch=16, seq=32, d_model=64, n_layers=3, d_hidden=128, eval_n=64),
 }
 COMMON = dict(threads=1, vocab=96, n_heads=4, d_expand=32, expand_layers=(0, 1, 2), forget_weight=-0.75,
-              retain_expanded_weight=0.0, lr=3e-3, coherence=False, level="activation", forget_frac=0.5, successors=4, seed=0)
+              retain_expanded_weight=0.0, lr=3e-3, coherence=False, level="activation", forget_frac=0.5,
+              successors=4, seed=0)
 
 
 def evaluate(flex: FlexModel, toks: torch.Tensor, groups) -> float:

@@ -1,7 +1,6 @@
 """A small pre-LN GPT with a tied head (the same architecture as the tests' TinyGPT)."""
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
