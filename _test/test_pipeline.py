@@ -285,3 +285,94 @@ def _tp_dp_pp_body(rank: int, world_size: int, sizes: bool) -> None:
     assert_close(flex.get_module_parameter(name), (ref0, ref1)[me["pp"]].get_parameter(name))
     flex.restore()
     fs.destroy_model_parallel()
+
+
+# -- TP × DP × PP = 2 × 2 × 2 with megatron-core: Megatron's rank order (pp, dp, tp) ----------------
+class MStage0(nn.Module):
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.emb, self.mlp0 = nn.Embedding(TV, TD), mlp
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.mlp0(self.emb(idx))
+
+
+class MStage1(nn.Module):
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp1 = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp1(x)
+
+
+def test_tp2_dp2_pp2_megatron_order():
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install megatron-core)")
+    run_ranks(_megatron_3d_body, 8, timeout=180)
+
+
+def _megatron_3d_body(rank: int, world_size: int) -> None:
+    from megatron.core import parallel_state as ps
+    from _test.test_distributed_tp import MLP_DIMS, MegatronMlp, Mlp
+    from flex_model import MEGATRON_ORDER
+
+    torch.set_num_threads(1)
+    ps.initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    layout = ParallelLayout.from_sizes(tp=2, pp=2, dp=2, order=MEGATRON_ORDER)
+    me = layout.my
+    assert me == {"tp": ps.get_tensor_model_parallel_rank(), "dp": ps.get_data_parallel_rank(),
+                  "pp": ps.get_pipeline_model_parallel_rank()}, me
+    torch.manual_seed(5)
+    ref0, ref1 = MStage0(Mlp()), MStage1(Mlp())
+    idx, w = torch.randint(0, TV, (TB, TT)), torch.randn(TB, TT, TD)
+    a = torch.randn(TH, TH) / TH ** 0.5
+    spec0: Spec = [("mlp0.up", "forward", None), ("mlp0.down", "forward_pre", None),
+                   ("mlp0.up.weight", "tensor", None)]
+    spec1: Spec = [("mlp1.up", "forward", mix_hidden(a)), ("mlp1.down", "full_backward", None),
+                   ("mlp1.down.weight", "tensor", None)]
+    want: Dict[str, List[torch.Tensor]] = {}
+    handles = reference_hooks(ref0, spec0, want) + reference_hooks(ref1, spec1, want)
+    ref_out = ref1(ref0(idx))
+    ((ref_out * w).sum() / TB).backward()
+    for h in handles:
+        h.remove()
+
+    if me["pp"] == 0:
+        ref, mine = ref0, MStage0(MegatronMlp(ref0.mlp0, me["tp"], 2))
+        mine.emb.load_state_dict(ref0.emb.state_dict())
+    else:
+        ref, mine = ref1, MStage1(MegatronMlp(ref1.mlp1, me["tp"], 2))
+    prefix = ("mlp0.", "mlp1.")[me["pp"]]
+    dims = {"emb.weight": None, **{prefix + k: v for k, v in MLP_DIMS.items()}}
+    got: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(mine, got, tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=2,
+                     parallel_order=MEGATRON_ORDER)
+    assert flex.layout == layout
+    flex_hooks(flex, spec0 + spec1)
+    rows = slice(me["dp"] * TB // 2, (me["dp"] + 1) * TB // 2)
+    other = layout.global_rank(me["dp"], 1 - me["pp"], me["tp"])
+    if me["pp"] == 0:
+        h = flex(idx[rows])
+        dist.send(h.detach().contiguous(), dst=other)
+        grad = torch.empty_like(h)
+        dist.recv(grad, src=other)
+        h.backward(grad)
+    else:
+        h = torch.empty(TB // 2, TT, TD)
+        dist.recv(h, src=other)
+        h.requires_grad_()
+        out = flex(h)
+        assert_close(out, ref_out[rows])
+        ((out * w[rows]).sum() / (TB // 2)).backward()
+        dist.send(h.grad.contiguous(), dst=other)
+    for p in mine.parameters():  # what DDP would do
+        dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
+        p.grad /= 2
+    check_grads(mine, ref, {k: v for k, v in dims.items() if k in dict(mine.named_parameters())}, me["tp"], 2)
+    flex.gather_pipeline_outputs()
+    if rank == 0:
+        check_captures(got, want)
+    else:
+        assert got == {}, f"rank {rank} kept {sorted(got)}"
+    flex.restore()
+    ps.destroy_model_parallel()
