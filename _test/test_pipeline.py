@@ -7,6 +7,9 @@ activation forward and its gradient backward with hand-made send/recv.
 After ``gather_pipeline_outputs()`` rank 0's ``output_dict`` must hold both
 stages' captures, equal to the reference's; an edit on stage 1 must change
 the final output as in one process; every parameter gradient must match.
+Runs: fp32/fp16/bf16 on 2 ranks; PP=2 × DP=2; ``torch.distributed.pipelining``
+(PipelineStage + ScheduleGPipe); TP × DP × PP = 2 × 2 × 2 with fairscale
+(rank order dp, pp, tp) and megatron-core (pp, dp, tp) stages.
 gloo on CPU, real process groups (``_test/distributed.py``).
 """
 from __future__ import annotations
