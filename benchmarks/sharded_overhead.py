@@ -19,8 +19,10 @@ Each config runs three variants, interleaved, one forward each per round:
 doing the least a hand-written hook must: ``dist.gather`` of the pieces to rank
 0 and a concatenation, or rank 0's own copy of a replicated tensor) and
 ``flex`` (FlexModel capture hooks on the same modules). Times are rank 0's
-wall clock from a barrier to a barrier; the median of the rounds is reported.
-The ratio in ``--json`` is flex / hand.
+wall clock from a barrier to a barrier; the variants' order rotates per round.
+Reported: the median time of each variant, and the ratios flex / hand and
+flex / plain as the median over rounds of the within-round ratio (paired, so a
+slow phase of a shared machine cancels out). ``--json`` gives flex / hand.
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ def time_config(module: nn.Module, flex: FlexModel, names: List[str], split_dim,
     inner = getattr(module, "module", module)  # hand hooks go on the model inside DDP
     times: Dict[str, List[float]] = {"plain": [], "hand": [], "flex": []}
     for r in range(warmup + rounds):
-        for variant in times:
+        order = list(times)
+        for variant in order[r % 3:] + order[:r % 3]:  # rotate, so no variant always runs first
             store: List[torch.Tensor] = []
             if variant == "hand":
                 handles = [inner.get_submodule(n).register_forward_hook(hand_hook(split_dim, store)) for n in names]
@@ -97,7 +100,11 @@ def time_config(module: nn.Module, flex: FlexModel, names: List[str], split_dim,
             flex.clear_output_dict()
             if r >= warmup:
                 times[variant].append(elapsed)
-    return {k: statistics.median(v) for k, v in times.items()}
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    # Paired: flex / hand within each round, so slow phases of a shared machine cancel out.
+    medians["ratio"] = statistics.median(f / h for f, h in zip(times["flex"], times["hand"]))
+    medians["ratio_plain"] = statistics.median(f / p for f, p in zip(times["flex"], times["plain"]))
+    return medians
 
 
 def main(quick: bool, as_json: bool, rounds: int, profile: bool) -> None:
@@ -138,7 +145,7 @@ def main(quick: bool, as_json: bool, rounds: int, profile: bool) -> None:
             dist.barrier()
     if rank != 0:
         return
-    ratios = {k: round(v["flex"] / v["hand"], 4) for k, v in results.items()}
+    ratios = {k: round(v["ratio"], 4) for k, v in results.items()}
     if as_json:
         print(json.dumps(ratios))
         return
@@ -148,7 +155,7 @@ def main(quick: bool, as_json: bool, rounds: int, profile: bool) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for k, v in results.items():
         print(f"| {k} | {v['plain'] * 1e3:.2f} | {v['hand'] * 1e3:.2f} | {v['flex'] * 1e3:.2f} | "
-              f"{v['flex'] / v['hand']:.3f} | {v['flex'] / v['plain']:.3f} | "
+              f"{v['ratio']:.3f} | {v['ratio_plain']:.3f} | "
               f"{(v['flex'] - v['hand']) * 1e3 / n_layers:.2f} |")
 
 
