@@ -36,6 +36,7 @@ class HookSpec:
     kind: str  # forward | forward_pre | full_backward | full_backward_pre | tensor
     name: str
     fn: Optional[Fn] = None
+    expected_shape: Optional[tuple] = None
 
 
 def fixed(*shape: int, seed: int = 7) -> torch.Tensor:
@@ -120,7 +121,7 @@ def reference_run(model: nn.Module, idx: torch.Tensor, specs: Sequence[HookSpec]
 def register(flex: FlexModel, specs: Sequence[HookSpec]) -> None:
     for s in specs:
         fn = None if s.fn is None else (lambda module, x, ctx, mods, f=s.fn: f(x))
-        hook = HookFunction(s.name, editing_function=fn)
+        hook = HookFunction(s.name, expected_shape=s.expected_shape, editing_function=fn)
         getattr(flex, {"forward": "register_forward_hook", "forward_pre": "register_forward_pre_hook",
                        "full_backward": "register_full_backward_hook",
                        "full_backward_pre": "register_full_backward_pre_hook",
@@ -203,6 +204,17 @@ def test_ddp_five_hook_types_2_ranks(rank, world_size):
 @multi_process(world_size=4)
 def test_ddp_five_hook_types_4_ranks(rank, world_size):
     run_ddp_case(rank, world_size, five_hook_types(), [1, 1, 1, 1])
+
+
+@multi_process(world_size=2)
+def test_ddp_value_without_batch_dim_is_not_split(rank, world_size):
+    """Position embeddings (T, D) are the same on every dp rank: expected_shape gives dim 0 its local
+    size, so the capture is (T, D), the edit is applied once, and gradients through it (per-rank parts,
+    averaged) equal one process's."""
+    run_ddp_case(rank, world_size, [HookSpec("forward", "wpe", lambda x: x @ A + 1, expected_shape=(T, D)),
+                                    HookSpec("forward", "layers.0.mlp", lambda x: x.flip(0))], [2, 2])
+    run_ddp_case(rank, world_size, [HookSpec("full_backward_pre", "wpe", lambda g: g * 2 + g.flip(0),
+                                             expected_shape=(T, D))], [2, 2])
 
 
 @multi_process(world_size=2)

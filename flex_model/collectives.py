@@ -17,12 +17,15 @@ All traffic of a firing goes through the stage's root (dp 0, tp 0):
   tensor. Forward: root's full ``y = edit(x_full)`` → every rank's piece of
   ``y``. Backward: gather the pieces' gradients to the root (replicated
   pieces from tp rank 0: their gradients are replicated, as in
-  Megatron/DTensor), back-propagate through the edit's graph on the root
+  Megatron/DTensor; a value every dp rank holds whole gets a part of its
+  gradient from each dp rank: they are averaged), back-propagate through
+  the edit's graph on the root
   (trainable modules get their ``.grad`` there), scatter ``d x_full`` back as
   pieces. On one process none of this runs: the edit stays in the graph.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -218,7 +221,11 @@ class ScatterEdit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_local: torch.Tensor):
         job: EditedOnRoot = ctx.job
-        grad_full = gather_to_root(job.peers, grad_local.contiguous(), job.placement, job.shapes)
+        # A value every dp rank holds whole gets a per-rank part of its gradient from each: average them.
+        grad_placement = job.placement
+        if job.peers.dp > 1 and job.placement.dp_dim is None:
+            grad_placement = dataclasses.replace(job.placement, dp_mean=True)
+        grad_full = gather_to_root(job.peers, grad_local.contiguous(), grad_placement, job.shapes)
         grad_x = None
         if job.peers.is_root:
             if job.edited.requires_grad:

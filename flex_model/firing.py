@@ -120,7 +120,7 @@ def fire(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Module, val
         placement = infer_placement(module=module, side=kind.side, local=local, layout=rt.layout,
                                     expected_shape=hook.expected_shape, hook_name=hook.module_name,
                                     dtensor_tp_dim=dtensor_dim, param_name=param_name,
-                                    from_dtensor=_is_dtensor(leaf))
+                                    from_dtensor=_is_dtensor(leaf), is_grad=kind.is_grad)
     except Exception as e:  # surfaced on every rank by the header exchange
         if rt.peers is None or shardwise:
             raise

@@ -91,7 +91,7 @@ class ParallelLayout:
         from fairscale.nn.model_parallel import initialize as fs
 
         tp = fs.get_model_parallel_world_size()
-        pp = fs.get_pipeline_parallel_world_size() if hasattr(fs, "get_pipeline_parallel_world_size") else 1
+        pp = len(fs.get_pipeline_parallel_ranks())  # fairscale has no get_pipeline_parallel_world_size
         return cls.from_sizes(tp=tp, pp=pp, dp=fs.get_data_parallel_world_size(), order=FAIRSCALE_ORDER,
                               batch_dim=batch_dim)
 

@@ -103,11 +103,13 @@ def to_local(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[int], Callable[[to
 def infer_placement(*, module: nn.Module, side: str, local: torch.Tensor, layout: ParallelLayout,
                     expected_shape: Optional[Sequence[Optional[int]]], hook_name: str,
                     dtensor_tp_dim: Optional[int] = None, param_name: str = "",
-                    from_dtensor: bool = False) -> Placement:
+                    from_dtensor: bool = False, is_grad: bool = False) -> Placement:
     """The placement of ``local`` (a value on ``side`` "input"/"output"/"param" of ``module``).
 
     ``from_dtensor``: ``local`` came out of a DTensor, whose placement (``dtensor_tp_dim``, None when
-    replicated) wins over the module's: e.g. a colwise layer's output gradient may be Replicate."""
+    replicated) wins over the module's: e.g. a colwise layer's output gradient may be Replicate.
+    Under data parallel a value is split on the batch dim unless ``expected_shape`` gives that dim
+    its local size (e.g. position embeddings, the same on every rank)."""
     dp_dim = None
     if layout.dp > 1 and side != "param":
         if local.ndim <= layout.batch_dim % max(local.ndim, 1) or local.ndim == 0:
@@ -126,7 +128,10 @@ def infer_placement(*, module: nn.Module, side: str, local: torch.Tensor, layout
             tp_dim %= local.ndim
     if expected_shape is not None:
         tp_dim = _check_expected(expected_shape, local, layout, tp_dim, dp_dim, hook_name)
-    dp_mean = layout.dp > 1 and side == "param"
+        if dp_dim is not None and expected_shape[dp_dim] == local.shape[dp_dim]:
+            dp_dim = None  # full size = local size: the same value on every data parallel rank
+    # Gradients of a value that every dp rank holds whole are per-rank parts: their full value is the mean.
+    dp_mean = layout.dp > 1 and dp_dim is None and (side == "param" or is_grad)
     return Placement(tp_dim=tp_dim, dp_dim=dp_dim, dp_mean=dp_mean)
 
 
@@ -146,7 +151,7 @@ def _check_expected(expected: Sequence[Optional[int]], local: torch.Tensor, layo
     for i, (e, n) in enumerate(zip(expected, shape)):
         if e is None or e == n or i in split:
             continue
-        if i == dp_dim and e % n == 0:
+        if i == dp_dim and e > n:  # the full batch; dp slices may be uneven
             continue
         raise ValueError(f"{msg}: dim {i} is {n} locally, so its full size is {n} (replicated) or "
                          f"{n * layout.tp} (split over tp), not {e}")
