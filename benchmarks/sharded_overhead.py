@@ -139,7 +139,9 @@ def main(quick: bool, as_json: bool, rounds: int, profile: bool) -> None:
         for r in range(world):  # each rank's profile of its flex forwards, in turn
             if r == rank:
                 text = io.StringIO()
-                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(10)
+                stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
+                stats.print_stats(10)
+                stats.print_callers("c10d.wait")  # whose collectives the waiting belongs to
                 print(f"--- rank {rank}: cProfile of the flex forwards, by own time ---\n{text.getvalue()}",
                       file=sys.stderr, flush=True)
             dist.barrier()
