@@ -33,7 +33,11 @@ def blocks():
 
 def _run(code: str, name: str) -> None:
     torch.set_num_threads(1)
-    exec(compile(code, name, "exec"), {"__name__": "__docs__"})
+    try:
+        exec(compile(code, name, "exec"), {"__name__": "__docs__"})
+    except NameError as e:
+        raise AssertionError(f"{name}: {e}. Every ```python block of the docs runs on its own, in a fresh "
+                             "namespace: define (or import) what it uses in the block itself") from e
 
 
 def _run_on_rank(rank: int, world_size: int, code: str, name: str) -> None:
