@@ -4,8 +4,10 @@ A 4-layer, d_model 128 GPT is trained from scratch on two random bigram
 sources over one 96-token vocabulary; the forget domain is one source. The
 MLPs of layers 0-2 get 32 extra hidden units (``flex_model.expand``: hooks,
 no source edits). ERA routes per token (``flex_model.Router`` on the MLP
-hidden units, activation level): forget tokens get weight -0.75 on the
-original units and 1 on the expanded ones; retain tokens 1 and 0. The
+up-projections of those layers, parameter level by default, as fastmask's
+example; ``level="activation"`` is the other variant): forget tokens get
+weight -0.75 on the original units and 1 on the expanded ones; retain
+tokens 1 and 0. The
 control is trained identically except that no routing masks are set. Then
 the expanded units are ablated (a pass without the "expand" hook group, the
 same as ``contract()``) and forget / retain validation losses are compared.
@@ -40,7 +42,7 @@ CONFIGS = {
     "test": dict(steps=120, batch=16, seq=32, d_model=64, n_layers=3, d_hidden=128, eval_n=64),
 }
 COMMON = dict(threads=1, vocab=96, n_heads=4, d_expand=32, expand_layers=(0, 1, 2), forget_weight=-0.75,
-              retain_expanded_weight=0.0, lr=3e-3, coherence=False, level="activation", forget_frac=0.5,
+              retain_expanded_weight=0.0, lr=3e-3, coherence=False, level="parameter", forget_frac=0.5,
               successors=4, seed=0)
 
 
@@ -117,8 +119,8 @@ def summary(results: dict) -> dict:
             for run in ("era", "control") for dom in ("forget", "retain") for when in ("before", "after")}
 
 
-MAIN = "plain"  # the variant --quick reports
-VARIANTS = {"plain": dict(coherence=False), "coherence": dict(coherence=True)}
+MAIN = "parameter"  # the variant --quick reports
+VARIANTS = {"parameter": {}, "activation": dict(level="activation"), "parameter+coherence": dict(coherence=True)}
 
 
 def write_docs(variants: dict, out_dir: str) -> None:
