@@ -15,7 +15,6 @@ against the one-process model. ``benchmarks/sharded_overhead.py`` reuses the mod
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import torch.distributed as dist
@@ -55,7 +54,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = (w(x).view(B, T, self.local_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (w(x).view(B, T, self.local_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.wq, self.wk, self.wv))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
