@@ -43,6 +43,7 @@ def test_megatron_fairscale_smoke():
     assert "retrieved layers.0.feed_forward.w1: full shape (2, 8, 64)" in out, out
     assert "retrieved output: full shape (2, 8, 128)" in out, out
     assert "matches single process: True" in out, out
+    assert "gradients of every parameter shard through the edit match single process: True" in out, out
 
 
 def test_induction_heads_smoke(tmp_path):

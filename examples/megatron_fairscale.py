@@ -9,7 +9,8 @@
 ``RowParallelLinear`` (wo, w2). With ``parallel=False`` the same class builds
 plain ``nn.Linear``/``nn.Embedding`` layers: the one-process reference.
 Hooks carry no ``expected_shape``: flex_model reads the split dim off the
-layer types. Rank 0 prints the full shapes and checks them, and an edit,
+layer types. Rank 0 prints the full shapes; the captures, the edited logits and
+every rank's parameter-gradient shards (backward through the edit) are checked
 against the one-process model. ``benchmarks/sharded_overhead.py`` reuses the model.
 """
 from __future__ import annotations
@@ -157,28 +158,45 @@ def main(smoke: bool = False) -> None:
     for name in CAPTURED:
         flex.register_forward_hook(HookFunction(name))  # no expected_shape: the layer types say the split
     flex.register_forward_hook(HookFunction(EDITED, editing_function=halve_hidden))
-    with torch.no_grad():
-        logits = flex(tokens)
-    local_w1 = model.get_submodule("layers.0.feed_forward.w1").weight.shape
+    logits = flex(tokens)
+    logits.logsumexp(-1).mean().backward()  # gradients flow through the edit (run once, on rank 0)
     if rank == 0:
         print(flex.describe())
-        print(f"local w1 weight on each rank: {tuple(local_w1)} (tp={tp})")
+        print(f"local w1 weight on each rank: {tuple(model.get_submodule(EDITED).weight.shape)} (tp={tp})")
         for name, values in output_dict.items():
             print(f"retrieved {name}: full shape {tuple(values[0].shape)}")
 
-        seen: dict = {}
-        for name in CAPTURED + [EDITED]:
-            reference.get_submodule(name).register_forward_hook(
-                lambda m, a, out, n=name: seen.setdefault(n, out.detach().clone()))
-        reference.get_submodule(EDITED).register_forward_hook(lambda m, a, out: halve_hidden(m, out, None, None))
-        with torch.no_grad():
-            want = reference(tokens)
+    # The same model on one process, the same edit as a plain torch hook.
+    seen: dict = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            seen.setdefault(name, out.detach().clone())  # returns None: the output stays as it is
+        return hook
+
+    for name in CAPTURED + [EDITED]:
+        reference.get_submodule(name).register_forward_hook(keep(name))
+    reference.get_submodule(EDITED).register_forward_hook(lambda m, a, out: halve_hidden(m, out, None, None))
+    want = reference(tokens)
+    want.logsumexp(-1).mean().backward()
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
+    if rank == 0:
         for name in CAPTURED + [EDITED]:
             torch.testing.assert_close(output_dict[name][0], seen[name], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
-        print(f"logits {tuple(logits.shape)} with the edit on {EDITED}; matches single process: True")
-    flex.restore()
+    full = dict(reference.named_parameters())
+    from flex_model.placement import PARAM_TP_DIMS
 
+    for module_name, module in model.named_modules():  # each rank: its gradient shards
+        for pname, p in module.named_parameters(recurse=False):
+            grad = full[f"{module_name}.{pname}" if module_name else pname].grad
+            dim = PARAM_TP_DIMS.get(type(module).__name__, {}).get(pname)
+            torch.testing.assert_close(p.grad, grad if dim is None else grad.chunk(tp, dim)[rank],
+                                       rtol=1e-4, atol=1e-6)
+    dist.barrier()
+    if rank == 0:
+        print(f"logits {tuple(logits.shape)} with the edit on {EDITED}; matches single process: True")
+        print("gradients of every parameter shard through the edit match single process: True")
+    flex.restore()
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
