@@ -22,7 +22,7 @@ round); ratios use CPU time. Memory: the
 peak growth of the C heap in use (glibc ``mallinfo2``, sampled every 0.5 ms) during
 one forward, captures included -- tracemalloc does not see torch's allocations, and
 the resident set size hides reuse of freed memory. A peer that is not installed is
-reported as skipped.
+reported as skipped (TransformerLens 4.x removed ``HookedTransformer``: use 3.x).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import ctypes
 import gc
 import json
 import statistics
+import sys
 import threading
 import time
 import warnings
@@ -114,7 +115,8 @@ def build_variants(n_layers: int, tokens: torch.Tensor) -> Dict[str, Optional[Ca
     try:
         warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
         from transformer_lens import HookedTransformer, HookedTransformerConfig
-    except ImportError:
+    except ImportError as e:  # not installed, or TransformerLens >= 4 (no HookedTransformer)
+        print(f"TransformerLens skipped: {e}", file=sys.stderr)
         variants["tl_plain"] = variants["tl_cache"] = None
     else:
         tl = HookedTransformer(HookedTransformerConfig(
@@ -131,7 +133,8 @@ def build_variants(n_layers: int, tokens: torch.Tensor) -> Dict[str, Optional[Ca
 
     try:
         from nnsight import NNsight
-    except ImportError:
+    except ImportError as e:
+        print(f"nnsight skipped: {e}", file=sys.stderr)
         variants["nnsight"] = None
     else:
         traced = NNsight(model)
@@ -192,7 +195,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name in variants:
         if name not in live:
-            print(f"| {name} | skipped (not installed) | | | | |")
+            print(f"| {name} | skipped (import failed, see stderr) | | | | |")
             continue
         print(f"| {name} | {median[name] * 1e3:.1f} | {median[name] / median['plain']:.3f} | "
               f"{median[name] / median['hooks']:.3f} | {wall[name] * 1e3:.1f} | {memory[name]:.0f} |")
