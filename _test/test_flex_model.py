@@ -297,3 +297,19 @@ def test_forward_passes_keyword_arguments_through_to_hf_models():
     assert type(out) is type(ref(input_ids=idx))
     assert torch.equal(out.logits, ref(input_ids=idx, use_cache=False).logits) and out.past_key_values is None
     assert sorted(output_dict) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+
+
+def test_original_api_forms_of_group_queries_parameters_and_hook_types():
+    """flex-model 0.1.0 callers: per-hook / per-group queries, get_module_parameter(name, expected_shape),
+    hook_type "backward_pre"."""
+    flex = FlexModel(TinyGPT(), {})
+    hooks = flex.create_hook_group("mlps", "mlp.up", hook_type="backward_pre")
+    assert all(h.hook_type == "full_backward_pre" for h in hooks)
+    assert flex.get_hook_function_groups(hooks[0]) == {"all", "mlps"}
+    assert flex.get_group_hook_functions("mlps") == hooks
+    with pytest.raises(ValueError, match="unknown hook group"):
+        flex.get_group_hook_functions("nope")
+    weight = flex.get_module_parameter("layers.0.mlp.up.weight", expected_shape=(64, None))
+    assert torch.equal(weight, flex.module.layers[0].mlp.up.weight)
+    with pytest.raises(ValueError, match="not expected_shape"):
+        flex.get_module_parameter("layers.0.mlp.up.weight", expected_shape=(32, 32))

@@ -185,11 +185,18 @@ def _edit_shardwise(hook: HookFunction, rt: Runtime, module: nn.Module, local: t
     return y
 
 
+def _comm_device(peers: C.StagePeers) -> torch.device:
+    """Where a header goes when this rank has no value to take the device from (NCCL: CUDA only)."""
+    if torch.distributed.get_backend(peers.group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _edit_across(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Module, local: Optional[torch.Tensor],
                  placement: Optional[Placement], error: Optional[BaseException]) -> Optional[torch.Tensor]:
     """The value is split over the stage: gather to the root, edit there once, scatter back."""
     peers, name = rt.peers, hook.module_name
-    device = local.device if local is not None else torch.device("cpu")
+    device = local.device if local is not None else _comm_device(peers)
     shapes = C.exchange_headers(peers, tuple(local.shape) if local is not None else (), error, device, name)
     if hook.editing_function is None and rt.store == "none":
         return None

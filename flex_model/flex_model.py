@@ -26,6 +26,7 @@ from flex_model.parameters import full_parameter
 from flex_model.pipeline import ship_to_owner
 
 HookSpec = Union[HookFunction, Sequence[HookFunction], str]
+HOOK_TYPE_ALIASES = {"backward": "full_backward", "backward_pre": "full_backward_pre"}  # flex-model 0.1.0 names
 
 
 class HookHandle:
@@ -156,6 +157,7 @@ class FlexModel(nn.Module):
                           hook_type: str = "forward", *, regex: bool = False) -> List[HookFunction]:
         """One HookFunction per module whose name contains ``group_constructor`` (or matches it, with
         ``regex=True``), each registered as ``hook_type`` and tagged ``group_name``."""
+        hook_type = HOOK_TYPE_ALIASES.get(hook_type, hook_type)
         if hook_type not in HOOK_KINDS:
             raise ValueError(f"unknown hook_type {hook_type!r}; choose one of {sorted(HOOK_KINDS)}")
         names = self._names.parameter_names() if hook_type == "tensor" else self._names.module_names()
@@ -176,11 +178,20 @@ class FlexModel(nn.Module):
         """Untag as ``update_hook_groups`` tags; removing ``"all"`` is an error."""
         self._groups.untag(self._select(hook_functions), group_name)
 
-    def get_hook_function_groups(self) -> Dict[HookFunction, Set[str]]:
+    def get_hook_function_groups(self, hook_function: Optional[HookFunction] = None) -> Any:
+        """The groups of ``hook_function`` (a set), or of every hook (a dict hook -> set)."""
+        if hook_function is not None:
+            return set(self._groups.tags(hook_function))
         return {h: set(self._groups.tags(h)) for h in self._groups.members()}
 
-    def get_group_hook_functions(self) -> Dict[str, List[HookFunction]]:
-        return self._groups.groups()
+    def get_group_hook_functions(self, group_name: Optional[str] = None) -> Any:
+        """The hooks of ``group_name`` (a list), or of every group (a dict group -> list)."""
+        groups = self._groups.groups()
+        if group_name is None:
+            return groups
+        if group_name not in groups:
+            raise ValueError(f"unknown hook group {group_name!r}; known groups: {sorted(groups)}")
+        return groups[group_name]
 
     def _select(self, spec: HookSpec) -> List[HookFunction]:
         if isinstance(spec, HookFunction):
@@ -238,9 +249,16 @@ class FlexModel(nn.Module):
     def all_modules_names(self) -> List[str]:
         return self.wrapped_module_names + [f"trainable_modules.{n}" for n in self.trainable_modules_names]
 
-    def get_module_parameter(self, parameter_name: str) -> torch.Tensor:
-        """The full, unsharded value of a parameter (collective under TP/FSDP: call on every rank)."""
-        return full_parameter(self.module, self._names, parameter_name, self._runtime.peers, self.layout)
+    def get_module_parameter(self, parameter_name: str, expected_shape: ExpectedShape = None) -> torch.Tensor:
+        """The full, unsharded value of a parameter (collective under TP/FSDP: call on every rank).
+
+        ``expected_shape`` (optional, as in the original API) is checked against the result."""
+        full = full_parameter(self.module, self._names, parameter_name, self._runtime.peers, self.layout)
+        if expected_shape is not None and (len(expected_shape) != full.ndim or any(
+                e is not None and e != n for e, n in zip(expected_shape, full.shape))):
+            raise ValueError(f'parameter "{parameter_name}" has full shape {tuple(full.shape)}, '
+                             f"not expected_shape {tuple(expected_shape)}")
+        return full
 
     # -- leaving --------------------------------------------------------------------------
     def restore(self) -> nn.Module:

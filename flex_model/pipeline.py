@@ -16,35 +16,45 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int
           torch.int8, torch.uint8, torch.bool]
 
 
+def _device(group: dist.ProcessGroup) -> torch.device:
+    """NCCL moves only CUDA tensors; gloo moves CPU tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _send_entries(entries: List[Tuple[str, torch.Tensor]], dst: int, group: dist.ProcessGroup) -> None:
-    dist.send(torch.tensor([len(entries)]), dst=dst, group=group)
+    dev = _device(group)
+    dist.send(torch.tensor([len(entries)], device=dev), dst=dst, group=group)
     for name, tensor in entries:
         name_bytes = torch.frombuffer(bytearray(name.encode()), dtype=torch.uint8)
         meta = torch.tensor([len(name_bytes), DTYPES.index(tensor.dtype), tensor.ndim, *tensor.shape])
-        dist.send(torch.tensor([meta.numel()]), dst=dst, group=group)
-        dist.send(meta, dst=dst, group=group)
-        dist.send(name_bytes, dst=dst, group=group)
-        dist.send(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8), dst=dst, group=group)
+        dist.send(torch.tensor([meta.numel()], device=dev), dst=dst, group=group)
+        dist.send(meta.to(dev), dst=dst, group=group)
+        dist.send(name_bytes.to(dev), dst=dst, group=group)
+        dist.send(tensor.detach().contiguous().reshape(-1).view(torch.uint8).to(dev), dst=dst, group=group)
 
 
 def _recv_entries(src: int, group: dist.ProcessGroup) -> List[Tuple[str, torch.Tensor]]:
-    count = torch.zeros(1, dtype=torch.int64)
+    dev = _device(group)
+    count = torch.zeros(1, dtype=torch.int64, device=dev)
     dist.recv(count, src=src, group=group)
     entries = []
     for _ in range(int(count)):
-        size = torch.zeros(1, dtype=torch.int64)
+        size = torch.zeros(1, dtype=torch.int64, device=dev)
         dist.recv(size, src=src, group=group)
-        meta = torch.zeros(int(size), dtype=torch.int64)
+        meta = torch.zeros(int(size), dtype=torch.int64, device=dev)
         dist.recv(meta, src=src, group=group)
+        meta = meta.cpu()
         name_len, dtype_i, ndim = (int(v) for v in meta[:3])
         shape = [int(v) for v in meta[3:3 + ndim]]
-        name_bytes = torch.zeros(name_len, dtype=torch.uint8)
+        name_bytes = torch.zeros(name_len, dtype=torch.uint8, device=dev)
         dist.recv(name_bytes, src=src, group=group)
         dtype = DTYPES[dtype_i]
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        raw = torch.zeros(nbytes, dtype=torch.uint8)
+        raw = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
         dist.recv(raw, src=src, group=group)
-        entries.append((bytes(name_bytes.tolist()).decode(), raw.view(dtype).reshape(shape)))
+        entries.append((bytes(name_bytes.tolist()).decode(), raw.cpu().view(dtype).reshape(shape)))
     return entries
 
 
