@@ -2,13 +2,14 @@
 
 All traffic of a firing goes through the stage's root (dp 0, tp 0):
 
-- ``exchange_headers``: every rank's local shape and error status (an
-  all-gather of a small int64 header), so an error on any rank surfaces on
-  every rank before anyone waits on data.
-- ``gather_to_root``: pieces → full tensor on the root. Input placement:
-  each rank's local piece per ``Placement``; output: the full tensor on the
-  root, None elsewhere. Replicated pieces are taken from tp rank 0 (and dp
-  rank 0) only; ``dp_mean`` pieces are averaged.
+- ``exchange``: one all-gather of every rank's header (local shape, error
+  status) together with its piece. Input placement: each rank's local
+  piece per ``Placement``; output: the full tensor on the root (on every
+  rank for ``store="all"``). An error on any rank surfaces on every rank
+  before anyone waits on more data. Replicated pieces are taken from tp
+  rank 0 (and dp rank 0) only; ``dp_mean`` pieces are averaged.
+- ``gather_to_root``: the same assembly by point-to-point sends, when the
+  shapes are already known (gradients in ``ScatterEdit``'s backward).
 - ``scatter_from_root``: full tensor on the root → each rank's piece (the
   inverse of the gather; replicated dims are copied to every rank).
 - ``broadcast_status``: the root's verdict after running the editing
@@ -36,8 +37,8 @@ from flex_model.placement import Placement
 
 MAX_DIMS = 8
 MSG_INTS = 40  # 320 bytes of error text
-HEADER_INTS = 2 + MAX_DIMS + MSG_INTS
-OK, FAILED, UNCHANGED = 0, 1, 2
+HEADER_INTS = 3 + MAX_DIMS + MSG_INTS
+OK, FAILED, UNCHANGED, NO_PAYLOAD = 0, 1, 2, 3
 
 
 class HookFailure(RuntimeError):
@@ -68,37 +69,72 @@ class StagePeers:
 
 
 # -- headers and status ---------------------------------------------------------
-def _header(status: int, shape: Sequence[int], message: str, device: torch.device) -> torch.Tensor:
+def _header(status: int, shape: Sequence[int], message: str, device: torch.device, nbytes: int = 0) -> torch.Tensor:
     text = message.encode("utf-8", "replace")[: MSG_INTS * 8].ljust(MSG_INTS * 8, b"\0")
     dims = list(shape)[:MAX_DIMS] + [0] * (MAX_DIMS - len(shape))
-    head = torch.tensor([status, len(shape), *dims], dtype=torch.int64)
+    head = torch.tensor([status, len(shape), nbytes, *dims], dtype=torch.int64)
     body = torch.frombuffer(bytearray(text), dtype=torch.int64)
     return torch.cat([head, body]).to(device)
 
 
-def _parse(header: torch.Tensor) -> Tuple[int, Tuple[int, ...], str]:
+def _parse(header: torch.Tensor) -> Tuple[int, Tuple[int, ...], str, int]:
+    """``(status, shape, error text, payload bytes)`` of a header."""
     values = header.cpu()
     ndim = int(values[1])
-    text = values[2 + MAX_DIMS:].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace")
-    return int(values[0]), tuple(int(d) for d in values[2:2 + ndim]), text
+    text = values[3 + MAX_DIMS:].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace")
+    return int(values[0]), tuple(int(d) for d in values[3:3 + ndim]), text, int(values[2])
 
 
-def exchange_headers(peers: StagePeers, shape: Sequence[int], error: Optional[BaseException],
-                     device: torch.device, hook_name: str) -> List[Tuple[int, ...]]:
-    """Every rank's local shape; raises on every rank if any rank reported an error."""
-    if len(shape) > MAX_DIMS:
-        error = error or ValueError(f"hook values have at most {MAX_DIMS} dims, got {len(shape)}")
-    mine = _header(FAILED if error else OK, () if error else shape, _describe(error), device)
-    out = [torch.empty_like(mine) for _ in peers.ranks]
-    dist.all_gather(out, mine, group=peers.group)
-    parsed = [_parse(h) for h in out]
-    failed = [(peers.ranks[i], text) for i, (status, _, text) in enumerate(parsed) if status == FAILED]
+def exchange(peers: StagePeers, local: Optional[torch.Tensor], placement: Optional[Placement],
+             error: Optional[BaseException], device: torch.device, hook_name: str, *, send: bool,
+             everyone: bool, capacity: int) -> Tuple[List[Tuple[int, ...]], Optional[torch.Tensor], int]:
+    """Every rank's header (shape, error status) and, with ``send``, its piece, in one all-gather.
+
+    Returns ``(shapes, full, capacity)``: ``full`` is the assembled full tensor
+    on the root (on every rank with ``everyone``), else None. Each rank's slot
+    holds ``capacity`` payload bytes; all ranks keep the same capacity (the
+    largest piece seen so far), so a firing costs one all-gather, and a second
+    one only when a piece outgrows it. An error on any rank raises on every
+    rank: the original exception where it happened, ``HookFailure`` elsewhere.
+    """
+    if error is None and len(local.shape) > MAX_DIMS:
+        error = ValueError(f"hook values have at most {MAX_DIMS} dims, got {local.ndim}")
+    sends = send and error is None and peers.is_source(peers.me, placement) and (everyone or not peers.is_root)
+    payload = local.detach().contiguous().reshape(-1).view(torch.uint8) if sends else None
+    nbytes = payload.numel() if sends else 0
+    status = FAILED if error else (OK if nbytes <= capacity else NO_PAYLOAD)
+    header = _header(status, () if error else tuple(local.shape), _describe(error), device, nbytes)
+    head_bytes = header.numel() * 8
+    slot = torch.empty(head_bytes + capacity, dtype=torch.uint8, device=device)  # padding is never read
+    slot[:head_bytes] = header.view(torch.uint8)
+    if status == OK and nbytes:
+        slot[head_bytes:head_bytes + nbytes] = payload
+    slots = [torch.empty_like(slot) for _ in peers.ranks]
+    dist.all_gather(slots, slot, group=peers.group)
+    parsed = [_parse(s[:head_bytes].view(torch.int64)) for s in slots]
+    failed = [(peers.ranks[i], text) for i, (st, _, text, _) in enumerate(parsed) if st == FAILED]
     if error is not None:
         raise error
     if failed:
-        rank, text = failed[0]
-        raise HookFailure(f'hook "{hook_name}" failed on rank {rank}: {text}')
-    return [s for _, s, _ in parsed]
+        raise HookFailure(f'hook "{hook_name}" failed on rank {failed[0][0]}: {failed[0][1]}')
+    shapes = [shape for _, shape, _, _ in parsed]
+    sizes = [n for _, _, _, n in parsed]
+    payloads = [s[head_bytes:head_bytes + n] for s, n in zip(slots, sizes)]
+    if any(st == NO_PAYLOAD for st, _, _, _ in parsed):  # a piece outgrew the slots: resend at the new size
+        capacity = max(sizes)
+        slot = torch.empty(capacity, dtype=torch.uint8, device=device)
+        if nbytes:
+            slot[:nbytes] = payload
+        slots = [torch.empty_like(slot) for _ in peers.ranks]
+        dist.all_gather(slots, slot, group=peers.group)
+        payloads = [s[:n] for s, n in zip(slots, sizes)]
+    if not send or not (everyone or peers.is_root):
+        return shapes, None, capacity
+    pieces = {i: p.view(local.dtype).reshape(shapes[i]) for i, p in enumerate(payloads)
+              if peers.is_source(i, placement) and (everyone or i != 0)}
+    if not everyone:
+        pieces[0] = local.detach()
+    return shapes, assemble(pieces, peers, placement), capacity
 
 
 def broadcast_status(peers: StagePeers, status: int, error: Optional[BaseException], device: torch.device,
@@ -106,7 +142,7 @@ def broadcast_status(peers: StagePeers, status: int, error: Optional[BaseExcepti
     """The root's ``(status, flag)`` on every rank; a failure raises on every rank."""
     header = _header(status, (flag,), _describe(error), device)
     dist.broadcast(header, src=peers.ranks[0], group=peers.group)
-    status, (flag,), text = _parse(header)
+    status, (flag,), text, _ = _parse(header)
     if status == FAILED:
         if error is not None:
             raise error
@@ -134,6 +170,11 @@ def gather_to_root(peers: StagePeers, local: torch.Tensor, placement: Placement,
         requests.append(dist.irecv(pieces[i], src=peers.ranks[i], group=peers.group))
     for request in requests:
         request.wait()
+    return assemble(pieces, peers, placement)
+
+
+def assemble(pieces: dict, peers: StagePeers, placement: Placement) -> torch.Tensor:
+    """The full tensor from the source ranks' pieces (keyed by stage index)."""
     rows = []
     for d in range(peers.dp if placement.dp_dim is not None or placement.dp_mean else 1):
         row = [pieces[d * peers.tp + t] for t in range(peers.tp if placement.tp_dim is not None else 1)]
@@ -173,25 +214,6 @@ def scatter_from_root(peers: StagePeers, full: Optional[torch.Tensor], placement
     for request in requests:
         request.wait()
     return pieces[0].contiguous()
-
-
-def broadcast_full(peers: StagePeers, full: Optional[torch.Tensor], shape: Tuple[int, ...],
-                   like: torch.Tensor) -> torch.Tensor:
-    """The root's full tensor on every stage rank (for ``store="all"``)."""
-    if full is None:
-        full = torch.empty(shape, dtype=like.dtype, device=like.device)
-    full = full.contiguous()
-    dist.broadcast(full, src=peers.ranks[0], group=peers.group)
-    return full
-
-
-def full_shape(shapes: List[Tuple[int, ...]], peers: StagePeers, placement: Placement) -> Tuple[int, ...]:
-    shape = list(shapes[0])
-    if placement.tp_dim is not None:
-        shape[placement.tp_dim] *= peers.tp
-    if placement.dp_dim is not None:
-        shape[placement.dp_dim] = sum(shapes[d * peers.tp][placement.dp_dim] for d in range(peers.dp))
-    return tuple(shape)
 
 
 # -- the autograd function -------------------------------------------------------------

@@ -77,6 +77,7 @@ class Runtime:
     dp_grad_mean: bool = True
     active: Optional[Set[HookFunction]] = None  # None: every hook fires
     outbox: List[Tuple[str, torch.Tensor]] = field(default_factory=list)  # pipeline captures for the owner
+    capacity: Dict[Tuple[str, str], int] = field(default_factory=dict)  # (name, hook type) -> exchange slot bytes
 
     def store_value(self, name: str, full: torch.Tensor, fresh: bool = False) -> None:
         """Keep ``full`` (a copy, unless ``fresh``: already a new tensor nobody else holds)."""
@@ -197,20 +198,19 @@ def _edit_across(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Mod
     """The value is split over the stage: gather to the root, edit there once, scatter back."""
     peers, name = rt.peers, hook.module_name
     device = local.device if local is not None else _comm_device(peers)
-    shapes = C.exchange_headers(peers, tuple(local.shape) if local is not None else (), error, device, name)
-    if hook.editing_function is None and rt.store == "none":
+    needed = hook.editing_function is not None or rt.store != "none"
+    key = (name, hook.hook_type)
+    shapes, full, rt.capacity[key] = C.exchange(peers, local, placement, error, device, name, send=needed,
+                                                everyone=rt.store == "all", capacity=rt.capacity.get(key, 0))
+    if not needed:
         return None
     local_value = local.detach()
-    full = C.gather_to_root(peers, local_value, placement, shapes)
     scale = peers.dp if kind.is_grad and placement.dp_dim is not None and rt.dp_grad_mean else 1
     if full is not None and scale != 1:
         full = full / scale
-    # A capture can skip its copy when the gather made a new tensor that no edit will touch.
-    fresh = full is not local_value and hook.editing_function is None
-    if rt.store == "all":
-        shape = C.full_shape(shapes, peers, placement)
-        rt.store_value(name, C.broadcast_full(peers, full, shape, local), fresh=fresh or not peers.is_root)
-    elif rt.store == "root" and peers.is_root:
+    # A capture can skip its copy when the exchange made a new tensor that no edit will touch.
+    fresh = full is not None and full is not local_value and hook.editing_function is None
+    if full is not None and (rt.store == "all" or (rt.store == "root" and peers.is_root)):
         rt.store_value(name, full, fresh=fresh)
     if hook.editing_function is None:
         return None

@@ -34,7 +34,6 @@ def full_parameter(root: nn.Module, names: NameResolver, name: str, peers: Optio
     if tp_dim is None or peers is None:
         return param.detach().clone()
     local = param.detach()
-    placement = Placement(tp_dim=tp_dim)
-    shapes = C.exchange_headers(peers, tuple(local.shape), None, local.device, name)
-    full = C.gather_to_root(peers, local, placement, shapes)
-    return C.broadcast_full(peers, full, C.full_shape(shapes, peers, placement), local)
+    _, full, _ = C.exchange(peers, local, Placement(tp_dim=tp_dim), None, local.device, name, send=True,
+                            everyone=True, capacity=local.numel() * local.element_size())
+    return full.clone()
