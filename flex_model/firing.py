@@ -5,9 +5,9 @@ registers it and to the hooked value's side. ``fire`` runs one firing:
 
 1. unpack: pick the ``unpack_idx``-th tensor leaf; a DTensor becomes its
    local shard; infer the ``Placement`` of that shard.
-2. gather: on one process, nothing; otherwise every rank of the pipeline
-   stage sends its piece to the stage root (``collectives``), after a header
-   exchange that surfaces any rank's error on all ranks.
+2. gather: on one process, nothing; otherwise one all-gather over the
+   pipeline stage carries every rank's header (shape, error status) and its
+   piece (``collectives.exchange``), so any rank's error surfaces on all.
 3. store: the full, detached value (before the edit) goes to ``output_dict``
    (on CPU unless ``offload_to_cpu=False``) on the root, on every rank, or
    nowhere (``store``); pipeline stages other than the owner's queue it.
@@ -122,7 +122,7 @@ def fire(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Module, val
                                     expected_shape=hook.expected_shape, hook_name=hook.module_name,
                                     dtensor_tp_dim=dtensor_dim, param_name=param_name,
                                     from_dtensor=_is_dtensor(leaf), is_grad=kind.is_grad)
-    except Exception as e:  # surfaced on every rank by the header exchange
+    except Exception as e:  # raised on every rank by the exchange's headers
         if rt.peers is None or shardwise:
             raise
         error = e
@@ -134,7 +134,7 @@ def fire(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Module, val
         new = _edit_across(hook, rt, kind, module, local, placement, error)
     if new is None:
         return None
-    return replace_leaf(value, hook.unpack_idx % len(tensor_leaves(value)), rewrap(new))
+    return replace_leaf(value, hook.unpack_idx, rewrap(new))
 
 
 def _pick_leaf(hook: HookFunction, value: Any) -> torch.Tensor:

@@ -211,7 +211,10 @@ class FlexModel(nn.Module):
     # -- running ---------------------------------------------------------------------
     def forward(self, *args: Any, groups: Union[str, Iterable[str]] = ALL, complement: bool = False,
                 **kwargs: Any) -> Any:
-        """Run the wrapped module with the hooks of ``groups`` (or all others, with ``complement``)."""
+        """Run the wrapped module with the hooks of ``groups`` (or all others, with ``complement``).
+
+        The selection also governs this pass's backward hooks, so it stays in force until the
+        next ``forward``: calling the wrapped module directly afterwards fires the same hooks."""
         self._check_alive()
         everything = groups == ALL and not complement
         self._runtime.active = None if everything else self._groups.select(groups, complement)
