@@ -2,8 +2,8 @@
 
 All traffic of a firing goes through the stage's root (dp 0, tp 0):
 
-- ``exchange``: one all-gather of every rank's header (local shape, error
-  status) together with its piece. Input placement: each rank's local
+- ``exchange``: one all-to-all carrying every rank's header (local shape,
+  error status) to every rank, and its piece to the root. Input placement: each rank's local
   piece per ``Placement``; output: the full tensor on the root (on every
   rank for ``store="all"``). An error on any rank surfaces on every rank
   before anyone waits on more data. Replicated pieces are taken from tp
@@ -88,52 +88,64 @@ def _parse(header: torch.Tensor) -> Tuple[int, Tuple[int, ...], str, int]:
 def exchange(peers: StagePeers, local: Optional[torch.Tensor], placement: Optional[Placement],
              error: Optional[BaseException], device: torch.device, hook_name: str, *, send: bool,
              everyone: bool, capacity: int) -> Tuple[List[Tuple[int, ...]], Optional[torch.Tensor], int]:
-    """Every rank's header (shape, error status) and, with ``send``, its piece, in one all-gather.
+    """Every rank's header (shape, error status) to every rank and, with ``send``, its piece to the root
+    (to every rank with ``everyone``), in one all-to-all.
 
     Returns ``(shapes, full, capacity)``: ``full`` is the assembled full tensor
-    on the root (on every rank with ``everyone``), else None. Each rank's slot
-    holds ``capacity`` payload bytes; all ranks keep the same capacity (the
-    largest piece seen so far), so a firing costs one all-gather, and a second
-    one only when a piece outgrows it. An error on any rank raises on every
-    rank: the original exception where it happened, ``HookFailure`` elsewhere.
+    on the root (on every rank with ``everyone``), else None. A chunk carries
+    ``capacity`` payload bytes; all ranks keep the same capacity (the largest
+    piece seen so far, in multiples of 8), so a firing costs one all-to-all,
+    and a second one only when a piece outgrows it. An error on any rank
+    raises on every rank: the original exception where it happened,
+    ``HookFailure`` elsewhere.
     """
     if error is None and len(local.shape) > MAX_DIMS:
         error = ValueError(f"hook values have at most {MAX_DIMS} dims, got {local.ndim}")
-    sends = send and error is None and peers.is_source(peers.me, placement) and (everyone or not peers.is_root)
+    n, me = len(peers.ranks), peers.me
+    capacity = -(-capacity // 8) * 8  # chunk offsets stay aligned for any dtype
+    receives = [everyone or d == 0 for d in range(n)]  # who gets the pieces
+    sends = send and error is None and peers.is_source(me, placement) and any(
+        receives[d] for d in range(n) if d != me)
     payload = local.detach().contiguous().reshape(-1).view(torch.uint8) if sends else None
     nbytes = payload.numel() if sends else 0
     status = FAILED if error else (OK if nbytes <= capacity else NO_PAYLOAD)
     header = _header(status, () if error else tuple(local.shape), _describe(error), device, nbytes)
-    head_bytes = header.numel() * 8
-    slot = torch.empty(head_bytes + capacity, dtype=torch.uint8, device=device)  # padding is never read
-    slot[:head_bytes] = header.view(torch.uint8)
-    if status == OK and nbytes:
-        slot[head_bytes:head_bytes + nbytes] = payload
-    slots = [torch.empty_like(slot) for _ in peers.ranks]
-    dist.all_gather(slots, slot, group=peers.group)
-    parsed = [_parse(s[:head_bytes].view(torch.int64)) for s in slots]
+    head = header.numel() * 8
+
+    def all_to_all(head_bytes: int, cap: int, fill: bool) -> Tuple[torch.Tensor, List[int]]:
+        out_sizes = [head_bytes + (cap if receives[d] and d != me else 0) for d in range(n)]
+        in_sizes = [head_bytes + (cap if receives[me] and s != me else 0) for s in range(n)]
+        chunks = torch.empty(sum(out_sizes), dtype=torch.uint8, device=device)  # payload padding is never read
+        offset = 0
+        for size in out_sizes:
+            if head_bytes:
+                chunks[offset:offset + head_bytes] = header.view(torch.uint8)
+            if fill and nbytes and size > head_bytes:
+                chunks[offset + head_bytes:offset + head_bytes + nbytes] = payload
+            offset += size
+        received = torch.empty(sum(in_sizes), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(received, chunks, in_sizes, out_sizes, group=peers.group)
+        starts = [sum(in_sizes[:s]) for s in range(n)]
+        return received, starts
+
+    received, starts = all_to_all(head, capacity, status == OK)
+    parsed = [_parse(received[i:i + head].view(torch.int64)) for i in starts]
     failed = [(peers.ranks[i], text) for i, (st, _, text, _) in enumerate(parsed) if st == FAILED]
     if error is not None:
         raise error
     if failed:
         raise HookFailure(f'hook "{hook_name}" failed on rank {failed[0][0]}: {failed[0][1]}')
     shapes = [shape for _, shape, _, _ in parsed]
-    sizes = [n for _, _, _, n in parsed]
-    payloads = [s[head_bytes:head_bytes + n] for s, n in zip(slots, sizes)]
-    if any(st == NO_PAYLOAD for st, _, _, _ in parsed):  # a piece outgrew the slots: resend at the new size
-        capacity = max(sizes)
-        slot = torch.empty(capacity, dtype=torch.uint8, device=device)
-        if nbytes:
-            slot[:nbytes] = payload
-        slots = [torch.empty_like(slot) for _ in peers.ranks]
-        dist.all_gather(slots, slot, group=peers.group)
-        payloads = [s[:n] for s, n in zip(slots, sizes)]
-    if not send or not (everyone or peers.is_root):
+    sizes = [size for _, _, _, size in parsed]
+    if any(st == NO_PAYLOAD for st, _, _, _ in parsed):  # a piece outgrew the chunks: resend at the new size
+        capacity = -(-max(sizes) // 8) * 8
+        received, starts = all_to_all(0, capacity, True)
+        head = 0
+    if not send or not receives[me]:
         return shapes, None, capacity
-    pieces = {i: p.view(local.dtype).reshape(shapes[i]) for i, p in enumerate(payloads)
-              if peers.is_source(i, placement) and (everyone or i != 0)}
-    if not everyone:
-        pieces[0] = local.detach()
+    pieces = {i: received[starts[i] + head:starts[i] + head + sizes[i]].view(local.dtype).reshape(shapes[i])
+              for i in range(n) if i != me and peers.is_source(i, placement)}
+    pieces[me] = local.detach()
     return shapes, assemble(pieces, peers, placement), capacity
 
 

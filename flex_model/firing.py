@@ -5,9 +5,10 @@ registers it and to the hooked value's side. ``fire`` runs one firing:
 
 1. unpack: pick the ``unpack_idx``-th tensor leaf; a DTensor becomes its
    local shard; infer the ``Placement`` of that shard.
-2. gather: on one process, nothing; otherwise one all-gather over the
-   pipeline stage carries every rank's header (shape, error status) and its
-   piece (``collectives.exchange``), so any rank's error surfaces on all.
+2. gather: on one process, nothing; otherwise one all-to-all over the
+   pipeline stage carries every rank's header (shape, error status) to all
+   ranks and its piece to the root (``collectives.exchange``), so any
+   rank's error surfaces on all.
 3. store: the full, detached value (before the edit) goes to ``output_dict``
    (on CPU unless ``offload_to_cpu=False``) on the root, on every rank, or
    nowhere (``store``); pipeline stages other than the owner's queue it.
@@ -122,8 +123,10 @@ def fire(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Module, val
                                     expected_shape=hook.expected_shape, hook_name=hook.module_name,
                                     dtensor_tp_dim=dtensor_dim, param_name=param_name,
                                     from_dtensor=_is_dtensor(leaf), is_grad=kind.is_grad)
-    except Exception as e:  # raised on every rank by the exchange's headers
-        if rt.peers is None or shardwise:
+    except Exception as e:
+        # Under data parallel ranks see different values: the exchange's headers raise it on every rank.
+        # Without it every rank of the stage runs the same module on same-shaped values and fails alike.
+        if rt.peers is None or shardwise or rt.layout.dp == 1:
             raise
         error = e
     if shardwise:
@@ -199,6 +202,9 @@ def _edit_across(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Mod
     peers, name = rt.peers, hook.module_name
     device = local.device if local is not None else _comm_device(peers)
     needed = hook.editing_function is not None or rt.store != "none"
+    if rt.layout.dp == 1 and hook.editing_function is None and (rt.store == "none" or (
+            rt.store == "root" and placement.tp_dim is None)):
+        return _edit_here(hook, rt, module, local) if peers.is_root else None  # nothing to move: no collective
     key = (name, hook.hook_type)
     shapes, full, rt.capacity[key] = C.exchange(peers, local, placement, error, device, name, send=needed,
                                                 everyone=rt.store == "all", capacity=rt.capacity.get(key, 0))
