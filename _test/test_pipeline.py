@@ -379,3 +379,21 @@ def _megatron_3d_body(rank: int, world_size: int) -> None:
         assert got == {}, f"rank {rank} kept {sorted(got)}"
     flex.restore()
     ps.destroy_model_parallel()
+
+
+@multi_process(world_size=4)
+def test_wrong_rank_order_is_an_error_on_every_rank_not_a_hang(rank, world_size):
+    """fairscale orders (dp, pp, tp); saying Megatron's (pp, dp, tp) pairs the wrong ranks as stages."""
+    from fairscale.nn.model_parallel import initialize as fsi
+
+    from flex_model import FlexModel, MEGATRON_ORDER
+
+    fsi.initialize_model_parallel(1, pipeline_length=2)  # 4 ranks: dp 2 × pp 2
+    try:
+        with pytest.raises(ValueError, match="parallel_order"):
+            FlexModel(nn.Linear(2, 2), {}, pipeline_parallel_size=2, data_parallel_size=2,
+                      parallel_order=MEGATRON_ORDER)
+        flex = FlexModel(nn.Linear(2, 2), {}, pipeline_parallel_size=2, data_parallel_size=2)  # fairscale's order
+        flex.restore()
+    finally:
+        fsi.destroy_model_parallel()

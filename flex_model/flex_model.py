@@ -20,7 +20,7 @@ from flex_model import collectives as C
 from flex_model.firing import HOOK_KINDS, Runtime, attach
 from flex_model.groups import ALL, HookGroups
 from flex_model.hook_function import EditingFunction, ExpectedShape, HookFunction
-from flex_model.layout import FAIRSCALE_ORDER, ParallelLayout, StageGroups
+from flex_model.layout import FAIRSCALE_ORDER, ParallelLayout, StageGroups, check_against_frameworks
 from flex_model.names import NameResolver
 from flex_model.parameters import full_parameter
 from flex_model.pipeline import ship_to_owner
@@ -77,6 +77,8 @@ class FlexModel(nn.Module):
         self.layout = layout or _choose_layout(module, tensor_parallel_size, pipeline_parallel_size,
                                                data_parallel_size, process_group, device_mesh, parallel_order,
                                                batch_dim)
+        if not self.layout.is_single:
+            check_against_frameworks(self.layout)
         self._stage_groups = None if self.layout.is_single else StageGroups(self.layout)
         peers = None
         if self._stage_groups is not None and self._stage_groups.stage is not None:

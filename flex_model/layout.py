@@ -9,9 +9,11 @@ flex_model creates for one layout and releases them.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 import torch.distributed as dist
 
 AXES = ("dp", "pp", "tp")
@@ -133,6 +135,38 @@ class ParallelLayout:
     def owner(self) -> int:
         """The global rank where ``output_dict`` lives: rank (dp 0, pp 0, tp 0)."""
         return self.global_rank(0, 0, 0)
+
+
+def check_against_frameworks(layout: ParallelLayout) -> None:
+    """Raise if the layout's tp / pp groups for this rank differ from those fairscale or megatron-core
+    already made (a wrong ``parallel_order`` would otherwise hang in a collective)."""
+    me = layout.my
+    mine = {"tp": [layout.global_rank(me["dp"], me["pp"], t) for t in range(layout.tp)],
+            "pp": [layout.global_rank(me["dp"], p, me["tp"]) for p in range(layout.pp)]}
+    theirs = {}
+    fs = sys.modules.get("fairscale.nn.model_parallel.initialize")
+    if fs is not None and fs.model_parallel_is_initialized():
+        theirs["fairscale"] = {"tp": fs.get_model_parallel_group(), "pp": fs.get_pipeline_parallel_group()}
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and ps.model_parallel_is_initialized():
+        theirs["megatron-core"] = {"tp": ps.get_tensor_model_parallel_group(),
+                                   "pp": ps.get_pipeline_model_parallel_group()}
+    problem = ""
+    for name, groups in theirs.items():
+        for axis, group in groups.items():
+            ranks = sorted(dist.get_process_group_ranks(group))
+            if len(ranks) == getattr(layout, axis) and ranks != sorted(mine[axis]):
+                order = MEGATRON_ORDER if name == "megatron-core" else FAIRSCALE_ORDER
+                problem = (f"rank {layout.rank}: the layout puts {axis} ranks {mine[axis]} together, but {name}'s "
+                           f"{axis} group is {ranks}; pass parallel_order={order} (outermost axis first), or "
+                           f"leave the sizes out to read the layout from {name}")
+    # Every rank must agree before anyone goes on to create groups (a collective).
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([int(bool(problem))], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise ValueError(problem or f"rank {layout.rank}: another rank's layout does not match its framework's "
+                                    "groups (see its error); pass the parallel_order the framework uses")
 
 
 class StageGroups:
