@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from types import SimpleNamespace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
