@@ -22,6 +22,7 @@ Each attention layer passes its probabilities through a ``flex_model.DummyModule
 from __future__ import annotations
 
 import argparse
+import os
 import math
 import time
 from pathlib import Path
@@ -212,4 +213,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if int(os.environ.get("RANK", "0")) == 0:  # a one-process example: under torchrun, rank 0 runs it
+        main()

@@ -183,4 +183,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if int(os.environ.get("RANK", "0")) == 0:  # a one-process example: under torchrun, rank 0 runs it
+        main()
