@@ -18,22 +18,16 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from _test.distributed import multi_process, run_ranks
 from _test.models import Block, tiny_llama
-from _test.test_distributed_dp import (A, A2, HookSpec, check_captures, check_grads, flex_backward, reference_run,
-                                       register, tiny_gpt, tokens)
+from _test.test_distributed_dp import (HookSpec, check_captures, check_grads, five_hook_types, flex_backward,
+                                       reference_run, register, tiny_gpt, tokens)
 from flex_model import FlexModel, HookFunction
 
 WRAPPER = "_fsdp_wrapped_module."
 
 
 def fsdp_hooks() -> List[HookSpec]:
-    return [
-        HookSpec("forward", "layers.0.mlp", lambda x: x @ A + x.flip(0)),
-        HookSpec("forward", "layers.1.attn", lambda x: x * 2),
-        HookSpec("forward_pre", "layers.1.mlp", lambda x: x @ A2),
-        HookSpec("full_backward", "layers.0.attn", lambda g: g @ A + g.roll(1, 0)),
-        HookSpec("full_backward_pre", "ln_f", lambda g: g * 3 - g.mean(0, keepdim=True)),
-        HookSpec("forward", "layers.1.ln2"),  # capture only
-    ]
+    """The DDP cases' hooks minus the parameter tensor hook, which FSDP refuses (see test below)."""
+    return [s for s in five_hook_types() if s.kind != "tensor"]
 
 
 def fsdp1_full_grads(model: FSDP, use_orig_params: bool) -> Dict[str, torch.Tensor]:

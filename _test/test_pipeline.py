@@ -223,6 +223,36 @@ def test_tp2_dp2_pp2_fairscale(sizes):
     run_ranks(_tp_dp_pp_body, 8, sizes, timeout=180)
 
 
+def _stage_step(flex: FlexModel, layout: ParallelLayout, idx: torch.Tensor, w: torch.Tensor,
+                ref_out: torch.Tensor, dp_group) -> tuple:
+    """One step of a 2-stage pipeline on this rank's batch rows: stage 0 sends its activation to the same
+    tp rank of stage 1 and back-propagates the gradient it gets back; stage 1 checks its output against
+    one process and runs the loss backward. Gradients are then averaged over dp (what DDP would do).
+    Returns ``(rows, stage 1's output or None)``."""
+    me = layout.my
+    rows = slice(me["dp"] * TB // 2, (me["dp"] + 1) * TB // 2)
+    other = layout.global_rank(me["dp"], 1 - me["pp"], me["tp"])
+    out = None
+    if me["pp"] == 0:
+        h = flex(idx[rows])
+        dist.send(h.detach().contiguous(), dst=other)
+        grad = torch.empty_like(h)
+        dist.recv(grad, src=other)
+        h.backward(grad)
+    else:
+        h = torch.empty(TB // 2, TT, TD)
+        dist.recv(h, src=other)
+        h.requires_grad_()
+        out = flex(h)
+        assert_close(out, ref_out[rows])
+        ((out * w[rows]).sum() / (TB // 2)).backward()
+        dist.send(h.grad.contiguous(), dst=other)
+    for p in flex.module.parameters():
+        dist.all_reduce(p.grad, group=dp_group)
+        p.grad /= 2
+    return rows, out
+
+
 def _tp_dp_pp_body(rank: int, world_size: int, sizes: bool) -> None:
     from fairscale.nn.model_parallel import initialize as fs
 
@@ -254,27 +284,10 @@ def _tp_dp_pp_body(rank: int, world_size: int, sizes: bool) -> None:
         flex = FlexModel(mine, got)
     assert flex.layout == layout, flex.layout
     flex_hooks(flex, spec0 + spec1)
-    rows = slice(me["dp"] * TB // 2, (me["dp"] + 1) * TB // 2)
-    other = layout.global_rank(me["dp"], 1 - me["pp"], me["tp"])  # the same tp rank of the other stage
-    if me["pp"] == 0:
-        h = flex(idx[rows])
-        dist.send(h.detach().contiguous(), dst=other)
-        grad = torch.empty_like(h)
-        dist.recv(grad, src=other)
-        h.backward(grad)
-    else:
-        h = torch.empty(TB // 2, TT, TD)
-        dist.recv(h, src=other)
-        h.requires_grad_()
-        out = flex(h)
-        assert_close(out, ref_out[rows])
+    rows, out = _stage_step(flex, layout, idx, w, ref_out, fs.get_data_parallel_group())
+    if out is not None:
         unedited = Mlp2.forward(ref1, Net.forward(ref0, idx))
         assert not torch.allclose(out, unedited[rows]), "the edit on stage 1 did not change the output"
-        ((out * w[rows]).sum() / (TB // 2)).backward()
-        dist.send(h.grad.contiguous(), dst=other)
-    for p in mine.parameters():  # what DDP would do
-        dist.all_reduce(p.grad, group=fs.get_data_parallel_group())
-        p.grad /= 2
     if me["pp"] == 0:
         check_grads(mine, ref0, FAIRSCALE_DIMS, me["tp"], 2)
     else:
@@ -352,25 +365,7 @@ def _megatron_3d_body(rank: int, world_size: int) -> None:
                      parallel_order=MEGATRON_ORDER)
     assert flex.layout == layout
     flex_hooks(flex, spec0 + spec1)
-    rows = slice(me["dp"] * TB // 2, (me["dp"] + 1) * TB // 2)
-    other = layout.global_rank(me["dp"], 1 - me["pp"], me["tp"])
-    if me["pp"] == 0:
-        h = flex(idx[rows])
-        dist.send(h.detach().contiguous(), dst=other)
-        grad = torch.empty_like(h)
-        dist.recv(grad, src=other)
-        h.backward(grad)
-    else:
-        h = torch.empty(TB // 2, TT, TD)
-        dist.recv(h, src=other)
-        h.requires_grad_()
-        out = flex(h)
-        assert_close(out, ref_out[rows])
-        ((out * w[rows]).sum() / (TB // 2)).backward()
-        dist.send(h.grad.contiguous(), dst=other)
-    for p in mine.parameters():  # what DDP would do
-        dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
-        p.grad /= 2
+    _stage_step(flex, layout, idx, w, ref_out, ps.get_data_parallel_group())
     check_grads(mine, ref, {k: v for k, v in dims.items() if k in dict(mine.named_parameters())}, me["tp"], 2)
     flex.gather_pipeline_outputs()
     if rank == 0:
