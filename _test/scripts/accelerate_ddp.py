@@ -48,4 +48,6 @@ if __name__ == "__main__":
         line = f"RESULT {main()}"
     except Exception:
         line = f"RESULT rank={rank} FAIL " + traceback.format_exc().replace("\n", " | ")
-    print(line, flush=True)
+    # One write with its own newlines: both ranks share torchrun's stdout, and print() may interleave them
+    # on one line. A pipe write of at most PIPE_BUF bytes is atomic.
+    os.write(1, f"\n{line[:3500]}\n".encode())
