@@ -7,9 +7,12 @@
 A ``LlamaForCausalLM`` with random weights (built from a small config, no
 download) is wrapped by FSDP1, one unit per decoder layer. ``FlexModel``
 retrieves the full (both ranks' batch slices) activations of
-``model.layers.0.mlp`` and ``model.layers.1.self_attn.o_proj``, then zeroes the
-attention output of layer 1 (an edit that runs once, on rank 0, on the full
-tensor). Rank 0 checks everything against the same model run on one process.
+``model.layers.0.mlp`` and ``model.layers.1.self_attn.o_proj``, then, in a
+second pass, adds a second hook on ``o_proj`` that zeroes it (an edit that runs
+once, on rank 0, on the full tensor). Each hook stores the value it sees before
+its edit, so ``o_proj`` is stored 3 times (once in pass 1, by both its hooks in
+pass 2) and the mlp twice. Rank 0 checks every capture and the logits against
+the same model run on one process. Writes no files.
 """
 from __future__ import annotations
 
@@ -66,7 +69,9 @@ def main(smoke: bool = False) -> None:
         flex.register_forward_hook(HookFunction(name))
     with torch.no_grad():
         logits = flex(local).logits
-    # A second pass with an edit. Both hooks on o_proj capture (before the edit), so it gets 3 entries.
+    # A second pass with an edit. Every hook stores the value it sees *before* its edit, so in this
+    # pass both hooks on o_proj (the capture hook above and the edit hook) store one entry each:
+    # output_dict[EDITED] ends with 3 entries (1 from pass 1, 2 from pass 2), the mlp with 2.
     edit = flex.register_forward_hook(HookFunction(EDITED, editing_function=zero_attention))
     description = flex.describe()
     with torch.no_grad():
@@ -83,6 +88,8 @@ def main(smoke: bool = False) -> None:
         return
 
     print(description)
+    print(f"2 passes: {CAPTURED[0]} was stored once per pass; {EDITED} 3 times, once in pass 1 and twice in "
+          "pass 2, where its capture hook and its edit hook each store the output before the edit")
     for name, values in output_dict.items():
         for i, v in enumerate(values):
             print(f"retrieved {name} [firing {i}]: shape {tuple(v.shape)} checksum {v.double().sum().item():.6f}")
@@ -91,20 +98,29 @@ def main(smoke: bool = False) -> None:
     print(f"edit changed the logits: {changed > 1e-4} (max |delta| {changed:.4f}); "
           f"edit saw shape {flex.save_ctx.edited_shape}")
 
-    # Reference: the unsharded model on one process, plain torch hooks.
+    # Reference: the unsharded model on one process, plain torch hooks, registered in the same order
+    # as above; the zeroing hook records the output it replaces, as the edit hook stored it.
     seen: dict = {}
     hooks = [reference.get_submodule(n).register_forward_hook(
         lambda m, a, out, n=n: seen.setdefault(n, []).append(out.detach())) for n in CAPTURED]
+
+    def record_then_zero(m, a, out):
+        seen[EDITED].append(out.detach())
+        return torch.zeros_like(out)
+
     with torch.no_grad():
         ref_logits = reference(tokens).logits
-        zero = reference.get_submodule(EDITED).register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+        zero = reference.get_submodule(EDITED).register_forward_hook(record_then_zero)
         ref_edited = reference(tokens).logits
     zero.remove()
     for h in hooks:
         h.remove()
     for name in CAPTURED:
-        for got, want in zip(output_dict[name], seen[name]):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        got, want = output_dict[name], seen[name]
+        assert len(got) == len(want), f"{name}: {len(got)} captures, one process had {len(want)}"
+        for got_i, want_i in zip(got, want):
+            torch.testing.assert_close(got_i, want_i, rtol=1e-4, atol=1e-5)
+    print("every capture compared: " + ", ".join(f"{n} {len(output_dict[n])}" for n in CAPTURED))
     torch.testing.assert_close(full_logits, ref_logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(full_edited, ref_edited, rtol=1e-4, atol=1e-5)
     print("matches single process: True")
