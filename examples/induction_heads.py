@@ -2,7 +2,11 @@
 
     python examples/induction_heads.py                 # ~2 minutes of training on one CPU thread
     python examples/induction_heads.py --smoke         # < 60 s (CI)
-    python examples/induction_heads.py --out plots/    # where the PNGs go (default: current directory)
+    python examples/induction_heads.py --out plots/    # keep the PNGs in plots/
+
+One process (under torchrun, rank 0 runs it; the other ranks exit). Without
+``--out`` the PNGs go to a fresh temp folder that is removed at the end; the
+script prints where it wrote either way.
 
 Each attention layer passes its probabilities through a ``flex_model.DummyModule``
 (``layers.{i}.attn.pattern``), a hook point for ``FlexModel``. The script
@@ -22,8 +26,10 @@ Each attention layer passes its probabilities through a ``flex_model.DummyModule
 from __future__ import annotations
 
 import argparse
-import os
 import math
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,12 +137,24 @@ def sample(flex: FlexModel, prompt: torch.Tensor, new: int, temperature: float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a short run (< 60 s)")
-    parser.add_argument("--out", default=".", help="folder for the PNGs")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder for the PNGs, kept (default: a temp folder, removed at the end)")
     a = parser.parse_args()
+    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="flex_induction_"))
+    try:
+        run(a.smoke, out)
+    finally:
+        if a.out is None:
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"removed the temp folder {out} (pass --out DIR to keep the PNGs)")
+
+
+def run(smoke: bool, out: Path) -> None:
+    """Train, look inside, ablate, sample; the two PNGs go to ``out``."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     vocab, half, n_layers, n_heads = 64, 16, 2, 4
-    steps, seconds = (1500, 20.0) if a.smoke else (4000, 150.0)
+    steps, seconds = (1500, 20.0) if smoke else (4000, 150.0)
     model = AttnOnly(vocab, d_model=64, n_heads=n_heads, n_layers=n_layers, max_len=2 * (half + 4))
     train(model, steps, batch=32, max_half=half + 4, vocab=vocab, seconds=seconds)
     model.eval()
@@ -163,7 +181,6 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(4, 3))
     im = ax.imshow(scores, vmin=0, vmax=1, cmap="viridis")
@@ -177,9 +194,9 @@ def main() -> None:
     # function sees the full pattern tensor; its result replaces the module's output).
     def ablation(heads):
         def ablate(current_module, inputs, save_ctx, modules):
-            out = inputs.clone()
-            out[:, heads] = 0
-            return out
+            edited = inputs.clone()
+            edited[:, heads] = 0
+            return edited
         return ablate
 
     results = {"clean": clean}
@@ -193,6 +210,7 @@ def main() -> None:
     ax.set(xlabel="position", ylabel="next-token loss", title="loss by position")
     ax.legend()
     fig.savefig(out / "loss_by_position.png", dpi=100, bbox_inches="tight")
+    print(f"wrote {out / 'induction_scores.png'} and {out / 'loss_by_position.png'}")
     second = slice(half, None)  # predictions of tokens half+1 .. 2*half-1: copyable
     for label, losses in results.items():
         loss = losses[:, second].mean().item()
@@ -208,7 +226,7 @@ def main() -> None:
             copied = (got[:, half + 4:] == prompts[:, 4:half]).float().mean().item()
             print(f"sampling T={temperature} top_k={top_k} top_p={top_p}: copies the sequence at "
                   f"{copied:.0%} of new tokens")
-    print(f"hooks fired while sampling: {len(output_dict[names[0]])} times per layer; PNGs in {out.resolve()}")
+    print(f"hooks fired while sampling: {len(output_dict[names[0]])} times per layer")
     flex.restore()
 
 
