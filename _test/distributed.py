@@ -1,4 +1,4 @@
-"""Real multi-process test harness for distributed tests (no mocks).
+"""Real multi-process test harness for distributed tests (no mocks), and the helpers the cases share.
 
 Owns:
   * ``run_ranks``      -- fork ``world_size`` processes, give each a real
@@ -9,6 +9,13 @@ Owns:
                           ``run_ranks``; the multi-GPU runner in
                           ``_test/multi_gpu`` reuses ``.body``/``.world_size``.
   * ``device_for_rank`` -- the device a rank should put its tensors on.
+  * the cases' hooks and checks (below the harness): ``HookSpec`` (one hook:
+    type, unwrapped name, optional edit of the full value), ``register`` (on
+    a FlexModel), ``reference_hooks`` / ``reference_run`` (the same hooks as
+    plain torch hooks on one process, full batch), ``flex_backward`` /
+    ``flex_step`` (a rank's share of the global mean loss), and the
+    comparisons ``check_captures``, ``check_capture_dict``, ``check_grads``,
+    ``check_shard_grads``. Models live in ``_test/models.py``.
 
 Children are *forked* (cheap, ~0.1 s each; the pytest parent never
 initialises a process group, so forking is safe) -- except with the nccl
@@ -32,10 +39,17 @@ import tempfile
 import time
 import traceback
 import warnings
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from _test.models import shard
+
+if TYPE_CHECKING:
+    from flex_model import FlexModel
 
 # After one rank fails, the others are probably stuck in a collective waiting
 # for it: give them this long to report before killing them.
@@ -256,3 +270,191 @@ def multi_process(world_size: int, timeout: float = 90.0, backend: str = "gloo")
         return wrapper
 
     return decorate
+
+
+# == The cases' hooks, their single-process reference, and the comparisons ==================================
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class HookSpec:
+    """One hook: its type, the dotted name in the unwrapped model, and an optional edit of the full value."""
+
+    kind: str  # forward | forward_pre | full_backward | full_backward_pre | tensor
+    name: str
+    fn: Optional[Edit] = None
+    expected_shape: Optional[tuple] = None
+
+
+def fixed(*shape: int, seed: int = 7) -> torch.Tensor:
+    """A seeded random tensor scaled by ``1/sqrt(shape[-1])`` (a mixing matrix for edits)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) / shape[-1] ** 0.5
+
+
+def tokens(n: int = 4, t: int = 8, vocab: int = 61, seed: int = 1) -> torch.Tensor:
+    """``(n, t)`` seeded token ids (the default batch of the TinyGPT cases)."""
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def row_slices(sizes: Sequence[int]) -> List[slice]:
+    """Consecutive slices of ``sizes[r]`` rows: rank r's part of the batch."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [slice(s, s + n) for s, n in zip(starts, sizes)]
+
+
+def mix_hidden(a: torch.Tensor) -> Edit:
+    """A non-elementwise edit: every hidden unit becomes a mix of all of them (the sharded dim)."""
+    return lambda x: x @ a
+
+
+def mix_rows(a: torch.Tensor) -> Edit:
+    """A non-elementwise edit of a column-parallel weight's gradient: mixes its (split) rows."""
+    return lambda g: a @ g
+
+
+def five_hook_types() -> List[HookSpec]:
+    """Edits on TinyGPT that are not elementwise (x @ A, rows mixed across the batch) on every hook type."""
+    a, a2 = fixed(32, 32, seed=7), fixed(32, 32, seed=8)
+    return [
+        HookSpec("forward", "layers.0.mlp", lambda x: x @ a + x.flip(0)),
+        HookSpec("forward", "layers.1.attn", lambda x: x * 2),
+        HookSpec("forward_pre", "layers.1.mlp", lambda x: x @ a2),
+        HookSpec("full_backward", "layers.0.attn", lambda g: g @ a + g.roll(1, 0)),
+        HookSpec("full_backward_pre", "ln_f", lambda g: g * 3 - g.mean(0, keepdim=True)),
+        HookSpec("tensor", "layers.1.mlp.up.weight", lambda g: g * 2 + g.flip(1)),
+        HookSpec("forward", "layers.1.ln2"),  # capture only
+    ]
+
+
+def reference_hooks(model: nn.Module, specs: Sequence[HookSpec], seen: Dict[str, List[torch.Tensor]]) -> list:
+    """Register plain torch hooks doing what each spec asks on the first tensor of the value; captures go to
+    ``seen`` (before the edit). Returns the handles."""
+    handles = []
+    for s in specs:
+        def keep(x: torch.Tensor, s: HookSpec = s) -> torch.Tensor:
+            seen.setdefault(s.name, []).append(x.detach().clone())
+            return x if s.fn is None else s.fn(x)
+        if s.kind == "tensor":
+            handles.append(model.get_parameter(s.name).register_hook(keep))
+            continue
+        m = model.get_submodule(s.name)
+        if s.kind == "forward":
+            handles.append(m.register_forward_hook(lambda mod, a, out, keep=keep: (keep(out[0]),) + out[1:]
+                                                   if isinstance(out, tuple) else keep(out)))
+        elif s.kind == "forward_pre":
+            handles.append(m.register_forward_pre_hook(lambda mod, a, keep=keep: (keep(a[0]),) + a[1:]))
+        elif s.kind == "full_backward":
+            handles.append(m.register_full_backward_hook(lambda mod, gi, go, keep=keep: (keep(gi[0]),) + gi[1:]))
+        elif s.kind == "full_backward_pre":
+            handles.append(m.register_full_backward_pre_hook(lambda mod, go, keep=keep: (keep(go[0]),) + go[1:]))
+        else:
+            raise ValueError(f"unknown hook kind {s.kind!r}")
+    return handles
+
+
+def register(flex: "FlexModel", specs: Sequence[HookSpec]) -> None:
+    """Register each spec on ``flex``; its edit, if any, gets the full tensor."""
+    from flex_model import HookFunction
+
+    for s in specs:
+        fn = None if s.fn is None else (lambda module, x, ctx, mods, f=s.fn: f(x))
+        hook = HookFunction(s.name, expected_shape=s.expected_shape, editing_function=fn)
+        getattr(flex, {"forward": "register_forward_hook", "forward_pre": "register_forward_pre_hook",
+                       "full_backward": "register_full_backward_hook",
+                       "full_backward_pre": "register_full_backward_pre_hook",
+                       "tensor": "register_hook"}[s.kind])(hook)
+
+
+def lm_loss_sum(logits: torch.Tensor, idx: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
+    """Next-token cross-entropy summed over the tokens (``idx`` is batch-first)."""
+    if batch_dim == 1:
+        logits = logits.transpose(0, 1)
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1),
+                                       reduction="sum")
+
+
+@dataclass
+class Result:
+    """What the single-process reference run gave: output, captures by name, parameter gradients by name."""
+
+    out: torch.Tensor
+    seen: Dict[str, List[torch.Tensor]]
+    grads: Dict[str, torch.Tensor]
+
+
+def reference_run(model: nn.Module, idx: torch.Tensor, specs: Sequence[HookSpec], *, batch_dim: int = 0,
+                  forward: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+                  backward: bool = True) -> Result:
+    """One process, full batch, plain torch hooks; loss = mean token loss over the full batch."""
+    seen: Dict[str, List[torch.Tensor]] = {}
+    handles = reference_hooks(model, specs, seen)
+    forward = forward or (lambda m, x: m(x))
+    out = forward(model, idx)
+    if backward:
+        (lm_loss_sum(out, idx, batch_dim) / (idx.numel() - idx.shape[0])).backward()
+    for h in handles:
+        h.remove()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return Result(out.detach(), seen, grads)
+
+
+def flex_backward(out: torch.Tensor, idx_local: torch.Tensor, n_tokens_total: int, world_size: int,
+                  batch_dim: int = 0) -> None:
+    """Backward of this rank's share of the global mean loss, scaled by the world size because DDP and
+    FSDP average gradients over ranks: mean over ranks of the local losses = the full-batch mean loss,
+    also for uneven slices."""
+    (lm_loss_sum(out, idx_local, batch_dim) * world_size / n_tokens_total).backward()
+
+
+def flex_step(flex: nn.Module, idx: torch.Tensor, rows: slice, ref: Result, world_size: int, *,
+              forward: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """This rank's step on ``idx[rows]`` of a data-parallel case: the output must be the reference's rows;
+    then the backward of the rank's share of the global mean loss (``flex_backward``). Returns the output."""
+    forward = forward or (lambda m, x: m(x))
+    out = forward(flex, idx[rows])
+    torch.testing.assert_close(out.detach(), ref.out[rows])
+    flex_backward(out, idx[rows], idx.numel() - idx.shape[0], world_size)
+    return out
+
+
+def check_capture_dict(got: Dict[str, List[torch.Tensor]], want: Dict[str, List[torch.Tensor]]) -> None:
+    """The same names, as many captures each, every capture close to the reference's."""
+    assert sorted(got) == sorted(want), f"captured {sorted(got)}, reference {sorted(want)}"
+    for name in want:
+        assert len(got[name]) == len(want[name]), f"{name}: {len(got[name])} captures, expected {len(want[name])}"
+        for g, w in zip(got[name], want[name]):
+            torch.testing.assert_close(g, w, msg=lambda m, name=name: f"capture {name}: {m}")
+
+
+def check_captures(rank: int, output_dict: Dict[str, List[torch.Tensor]], ref: Result, specs: Sequence[HookSpec],
+                   store: str = "root") -> None:
+    """The owner (rank 0) — every rank with ``store="all"``, none with "none" — holds each full capture."""
+    if store == "none" or (rank != 0 and store == "root"):
+        assert output_dict == {}, f"rank {rank} stored {sorted(output_dict)} with store={store!r}"
+        return
+    assert sorted(output_dict) == sorted({s.name for s in specs})
+    check_capture_dict(output_dict, ref.seen)
+
+
+def check_grads(got: Dict[str, torch.Tensor], ref: Result) -> None:
+    """Every gradient by name, close to the reference's."""
+    assert sorted(got) == sorted(ref.grads)
+    for name, g in got.items():
+        torch.testing.assert_close(g, ref.grads[name], msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+def check_shard_grads(par: nn.Module, ref: nn.Module, dims: Dict[str, Optional[int]], tp_rank: int,
+                      tp: int) -> None:
+    """Each parameter's gradient of the tensor-parallel ``par`` against its slice of ``ref``'s (``dims``:
+    the split dim of each parameter, None when replicated)."""
+    names = [n for n, _ in par.named_parameters()]
+    assert sorted(names) == sorted(dims), names
+    for name, p in par.named_parameters():
+        want = shard(ref.get_parameter(name).grad, dims[name], tp_rank, tp)
+        assert p.grad is not None, f"no grad on {name}"
+        torch.testing.assert_close(p.grad, want, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def ddp_grads(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The gradients of a DDP-wrapped model's parameters, by unwrapped name."""
+    return {n: p.grad.detach().clone() for n, p in model.module.named_parameters() if p.grad is not None}

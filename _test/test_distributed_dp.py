@@ -1,19 +1,18 @@
 """Data parallel (DDP) under FlexModel, on real gloo ranks, against one process.
 
-Owns the shared machinery of the data-parallel tests (``HookSpec``,
-``reference_run``, ``flex_run``, ``check_against_reference``) and the DDP
-cases: five hook types at 2 and 4 ranks, an uneven batch split, a seq-first
-layout (``batch_dim=1``), ``store="all"``, and failures (on the root's edit,
-on one rank only). Every rank builds the same seeded model, runs the
-single-process reference with plain torch hooks on the FULL batch, then the
-sharded model under FlexModel on its batch slice, and compares outputs,
+The DDP cases: five hook types at 2 and 4 ranks, an uneven batch split, a
+seq-first layout (``batch_dim=1``), ``store="all"``, and failures (on the
+root's edit, on one rank only). Every rank builds the same seeded model, runs
+the single-process reference with plain torch hooks on the FULL batch, then
+the sharded model under FlexModel on its batch slice, and compares outputs,
 captures (the full tensor, on rank 0), edited outputs and every gradient.
+The machinery they share with the FSDP and accelerate cases (``HookSpec``,
+``reference_run``, ``register``, the checks) is in ``_test/distributed.py``.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import pytest
 import torch
@@ -21,160 +20,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from _test.distributed import multi_process
-from _test.models import TinyGPT
+from _test.distributed import (HookSpec, Result, check_captures, check_grads, ddp_grads, five_hook_types, fixed,
+                               flex_backward, flex_step, multi_process, reference_run, register, row_slices, tokens)
+from _test.models import tiny_gpt
 from flex_model import FlexModel, HookFailure, HookFunction
 
-Fn = Callable[[torch.Tensor], torch.Tensor]
-B, T, D = 4, 8, 32  # batch, sequence, TinyGPT width
-
-
-@dataclass
-class HookSpec:
-    """One hook: its type, the dotted name in the unwrapped model, and an optional edit of the full value."""
-
-    kind: str  # forward | forward_pre | full_backward | full_backward_pre | tensor
-    name: str
-    fn: Optional[Fn] = None
-    expected_shape: Optional[tuple] = None
-
-
-def fixed(*shape: int, seed: int = 7) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) / shape[-1] ** 0.5
-
-
-def tokens(n: int = B, t: int = T, vocab: int = 61, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
-
-
-def tiny_gpt(seed: int = 0) -> TinyGPT:
-    torch.manual_seed(seed)
-    return TinyGPT()
-
-
-def row_slices(sizes: Sequence[int]) -> List[slice]:
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [slice(s, s + n) for s, n in zip(starts, sizes)]
-
-
-# -- the single-process reference: plain torch hooks -----------------------------------------------------
-def _apply(fn: Optional[Fn], x: torch.Tensor) -> torch.Tensor:
-    return x if fn is None else fn(x)
-
-
-def reference_hooks(model: nn.Module, specs: Sequence[HookSpec], seen: Dict[str, List[torch.Tensor]]) -> list:
-    """Register plain torch hooks doing what each spec asks; captures go to ``seen`` (before the edit)."""
-    handles = []
-    for s in specs:
-        def keep(x: torch.Tensor, s: HookSpec = s) -> torch.Tensor:
-            seen.setdefault(s.name, []).append(x.detach().clone())
-            return _apply(s.fn, x)
-        if s.kind == "tensor":
-            handles.append(model.get_parameter(s.name).register_hook(keep))
-            continue
-        m = model.get_submodule(s.name)
-        if s.kind == "forward":
-            handles.append(m.register_forward_hook(lambda mod, a, out, keep=keep: (keep(out[0]),) + out[1:]
-                                                   if isinstance(out, tuple) else keep(out)))
-        elif s.kind == "forward_pre":
-            handles.append(m.register_forward_pre_hook(lambda mod, a, keep=keep: (keep(a[0]),) + a[1:]))
-        elif s.kind == "full_backward":
-            handles.append(m.register_full_backward_hook(lambda mod, gi, go, keep=keep: (keep(gi[0]),) + gi[1:]))
-        elif s.kind == "full_backward_pre":
-            handles.append(m.register_full_backward_pre_hook(lambda mod, go, keep=keep: (keep(go[0]),) + go[1:]))
-        else:
-            raise ValueError(f"unknown hook kind {s.kind!r}")
-    return handles
-
-
-def lm_loss_sum(logits: torch.Tensor, idx: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
-    """Next-token cross-entropy summed over the tokens (``idx`` is batch-first)."""
-    if batch_dim == 1:
-        logits = logits.transpose(0, 1)
-    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1),
-                                       reduction="sum")
-
-
-@dataclass
-class Result:
-    out: torch.Tensor
-    seen: Dict[str, List[torch.Tensor]]
-    grads: Dict[str, torch.Tensor]
-
-
-def reference_run(model: nn.Module, idx: torch.Tensor, specs: Sequence[HookSpec], *, batch_dim: int = 0,
-                  forward: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
-                  backward: bool = True) -> Result:
-    """One process, full batch, plain torch hooks; loss = mean token loss over the full batch."""
-    seen: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(model, specs, seen)
-    forward = forward or (lambda m, x: m(x))
-    out = forward(model, idx)
-    if backward:
-        (lm_loss_sum(out, idx, batch_dim) / (idx.numel() - idx.shape[0])).backward()
-    for h in handles:
-        h.remove()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return Result(out.detach(), seen, grads)
-
-
-def register(flex: FlexModel, specs: Sequence[HookSpec]) -> None:
-    for s in specs:
-        fn = None if s.fn is None else (lambda module, x, ctx, mods, f=s.fn: f(x))
-        hook = HookFunction(s.name, expected_shape=s.expected_shape, editing_function=fn)
-        getattr(flex, {"forward": "register_forward_hook", "forward_pre": "register_forward_pre_hook",
-                       "full_backward": "register_full_backward_hook",
-                       "full_backward_pre": "register_full_backward_pre_hook",
-                       "tensor": "register_hook"}[s.kind])(hook)
-
-
-def flex_backward(out: torch.Tensor, idx_local: torch.Tensor, n_tokens_total: int, world_size: int,
-                  batch_dim: int = 0) -> None:
-    """Backward of this rank's share of the global mean loss, scaled by the world size because DDP and
-    FSDP average gradients over ranks: mean over ranks of the local losses = the full-batch mean loss,
-    also for uneven slices."""
-    (lm_loss_sum(out, idx_local, batch_dim) * world_size / n_tokens_total).backward()
-
-
-def check_captures(rank: int, output_dict: Dict[str, List[torch.Tensor]], ref: Result, specs: Sequence[HookSpec],
-                   store: str = "root") -> None:
-    """The owner (rank 0) — every rank with ``store="all"``, none with "none" — holds each full capture."""
-    if store == "none" or (rank != 0 and store == "root"):
-        assert output_dict == {}, f"rank {rank} stored {sorted(output_dict)} with store={store!r}"
-        return
-    assert sorted(output_dict) == sorted({s.name for s in specs})
-    for s in specs:
-        got, want = output_dict[s.name], ref.seen[s.name]
-        assert len(got) == len(want), f"{s.name}: {len(got)} captures, expected {len(want)}"
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, msg=lambda m, n=s.name: f"capture of {n}: {m}")
-
-
-def check_grads(got: Dict[str, torch.Tensor], ref: Result) -> None:
-    assert sorted(got) == sorted(ref.grads)
-    for name, g in got.items():
-        torch.testing.assert_close(g, ref.grads[name], msg=lambda m, n=name: f"grad of {n}: {m}")
-
-
-def ddp_grads(model: DDP) -> Dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.module.named_parameters() if p.grad is not None}
-
-
-# -- DDP ---------------------------------------------------------------------------------------------------------
-A, A2 = fixed(D, D, seed=7), fixed(D, D, seed=8)
-
-
-def five_hook_types() -> List[HookSpec]:
-    """Edits that are not elementwise (x @ A, rows mixed across the batch) on every hook type."""
-    return [
-        HookSpec("forward", "layers.0.mlp", lambda x: x @ A + x.flip(0)),
-        HookSpec("forward", "layers.1.attn", lambda x: x * 2),
-        HookSpec("forward_pre", "layers.1.mlp", lambda x: x @ A2),
-        HookSpec("full_backward", "layers.0.attn", lambda g: g @ A + g.roll(1, 0)),
-        HookSpec("full_backward_pre", "ln_f", lambda g: g * 3 - g.mean(0, keepdim=True)),
-        HookSpec("tensor", "layers.1.mlp.up.weight", lambda g: g * 2 + g.flip(1)),
-        HookSpec("forward", "layers.1.ln2"),  # capture only
-    ]
+T, D = 8, 32  # the default tokens' length, TinyGPT width
+A = fixed(D, D, seed=7)
 
 
 def run_ddp_case(rank: int, world_size: int, specs: Sequence[HookSpec], sizes: Sequence[int], *,
@@ -292,20 +144,32 @@ def _next_step_still_works(rank: int, world_size: int, flex: FlexModel, idx: tor
         torch.testing.assert_close(flex.output_dict[specs[0].name][0], ref.seen[specs[0].name][0])
 
 
-@multi_process(world_size=2, timeout=60)
-def test_edit_raising_on_root_errors_every_rank(rank, world_size):
+def _raises_on_every_rank(rank: int, failing_rank: int, error: type, call: Callable[[], object],
+                          *named: str) -> None:
+    """``call()`` raises ``error`` on ``failing_rank`` and ``HookFailure`` on every other rank, within 10 s
+    (no rank hangs); the other ranks' message names each of ``named``."""
+    start = time.monotonic()
+    with pytest.raises(error if rank == failing_rank else HookFailure) as info:
+        call()
+    assert time.monotonic() - start < 10
+    if rank != failing_rank:
+        for word in named:
+            assert word in str(info.value), str(info.value)
+
+
+def _ddp_tiny_gpt(rank: int, world_size: int):
+    """The default batch, this rank's 2 rows of it, and a DDP TinyGPT under FlexModel."""
     idx = tokens()
     mine = idx[rank * 2:(rank + 1) * 2]
-    model = DDP(tiny_gpt())
-    flex = FlexModel(model, {}, data_parallel_size=world_size)
+    return idx, mine, FlexModel(DDP(tiny_gpt()), {}, data_parallel_size=world_size)
+
+
+@multi_process(world_size=2, timeout=60)
+def test_edit_raising_on_root_errors_every_rank(rank, world_size):
+    idx, mine, flex = _ddp_tiny_gpt(rank, world_size)
     hook = HookFunction("layers.0.mlp", editing_function=lambda m, x, ctx, mods: _fail(x))
     handle = flex.register_forward_hook(hook)
-    start = time.monotonic()
-    with pytest.raises(EditFailed if rank == 0 else HookFailure) as info:
-        flex(mine)
-    assert time.monotonic() - start < 10
-    if rank != 0:
-        assert "layers.0.mlp" in str(info.value) and "EditFailed" in str(info.value), str(info.value)
+    _raises_on_every_rank(rank, 0, EditFailed, lambda: flex(mine), "layers.0.mlp", "EditFailed")
     handle.remove()
     _next_step_still_works(rank, world_size, flex, idx, mine,
                            [HookSpec("forward", "layers.1.mlp", lambda x: x @ A)], tiny_gpt)
@@ -315,17 +179,12 @@ def test_edit_raising_on_root_errors_every_rank(rank, world_size):
 def test_gradient_edit_raising_on_root_errors_every_rank_in_backward(rank, world_size):
     """The same inside backward (a full_backward_pre edit). DDP cannot start another backward after an
     aborted one, so the next step checked is a no-grad forward."""
-    idx = tokens()
-    mine = idx[rank * 2:(rank + 1) * 2]
-    model = DDP(tiny_gpt())
-    flex = FlexModel(model, {}, data_parallel_size=world_size)
+    idx, mine, flex = _ddp_tiny_gpt(rank, world_size)
     hook = HookFunction("layers.0.mlp", editing_function=lambda m, g, ctx, mods: _fail(g))
     handle = flex.register_full_backward_pre_hook(hook)
     out = flex(mine)
-    start = time.monotonic()
-    with pytest.raises(EditFailed if rank == 0 else HookFailure):
-        flex_backward(out, mine, idx.numel() - idx.shape[0], world_size)
-    assert time.monotonic() - start < 10
+    _raises_on_every_rank(rank, 0, EditFailed,
+                          lambda: flex_backward(out, mine, idx.numel() - idx.shape[0], world_size))
     handle.remove()
     _next_step_still_works(rank, world_size, flex, idx, mine,
                            [HookSpec("forward", "layers.1.mlp", lambda x: x @ A)], tiny_gpt)
@@ -359,12 +218,7 @@ def _failure_on_rank_1_only(rank: int, world_size: int) -> None:
     flex = FlexModel(model, {}, data_parallel_size=world_size)
     handle = flex.register_forward_hook(HookFunction("fork", editing_function=lambda m, v, ctx, mods: v * 2,
                                                      unpack_idx=1))
-    start = time.monotonic()
-    with pytest.raises(IndexError if rank == 1 else HookFailure) as info:
-        flex(mine)
-    assert time.monotonic() - start < 10
-    if rank != 1:
-        assert "rank 1" in str(info.value) and "IndexError" in str(info.value), str(info.value)
+    _raises_on_every_rank(rank, 1, IndexError, lambda: flex(mine), "rank 1", "IndexError")
     handle.remove()
     _next_step_still_works(rank, world_size, flex, x, mine, [HookSpec("forward", "up", lambda v: v @ A)],
                            forked_net)
@@ -392,7 +246,6 @@ def test_ddp_trainable_module_gets_the_global_mean_loss_gradient(rank, world_siz
     the mean of the ranks' losses), not the sum over ranks; uneven slices (3 rows, 2 rows)."""
     sizes = [3, 2]
     idx = tokens(sum(sizes))
-    mine = idx[row_slices(sizes)[rank]]
     probe = _probe()
     ref = reference_run(tiny_gpt(), idx, [HookSpec("forward", "layers.0.mlp", lambda x: x + probe(x).flip(0))])
     model = DDP(tiny_gpt())
@@ -401,9 +254,7 @@ def test_ddp_trainable_module_gets_the_global_mean_loss_gradient(rank, world_siz
     flex.register_trainable_module("probe", _probe())
     flex.register_forward_hook(HookFunction(
         "layers.0.mlp", editing_function=lambda m, x, ctx, mods: x + mods["probe"](x).flip(0)))
-    out = flex(mine)
-    torch.testing.assert_close(out.detach(), ref.out[row_slices(sizes)[rank]])
-    flex_backward(out, mine, idx.numel() - idx.shape[0], world_size)
+    flex_step(flex, idx, row_slices(sizes)[rank], ref, world_size)
     check_grads(ddp_grads(model), ref)
     got = {n: p.grad for n, p in flex.trainable_modules["probe"].named_parameters()}
     if rank == 0:

@@ -1,7 +1,7 @@
 """FSDP1, FSDP2 (``fully_shard``) and a HuggingFace Llama under FSDP1, on real gloo ranks, against one process.
 
 Each rank builds the same seeded model, runs the single-process reference
-(plain torch hooks, full batch; ``test_distributed_dp.reference_run``), then
+(plain torch hooks, full batch; ``_test.distributed.reference_run``), then
 the FSDP-wrapped model under FlexModel on its batch slice, with hooks named as
 in the unwrapped model (no ``_fsdp_wrapped_module``). Compared: outputs,
 full captures on rank 0, edited outputs, every full parameter gradient, and
@@ -16,10 +16,9 @@ import torch
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from _test.distributed import multi_process, run_ranks
-from _test.models import Block, tiny_llama
-from _test.test_distributed_dp import (HookSpec, check_captures, check_grads, five_hook_types, flex_backward,
-                                       reference_run, register, tiny_gpt, tokens)
+from _test.distributed import (HookSpec, Result, check_captures, check_grads, five_hook_types, flex_step,
+                               multi_process, reference_run, register, run_ranks, tokens)
+from _test.models import Block, tiny_gpt, tiny_llama
 from flex_model import FlexModel, HookFunction
 
 WRAPPER = "_fsdp_wrapped_module."
@@ -43,6 +42,20 @@ def fsdp1_full_grads(model: FSDP, use_orig_params: bool) -> Dict[str, torch.Tens
         return {n.replace(WRAPPER, ""): p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _hook_step_and_check(rank: int, world_size: int, flex: FlexModel, output_dict: Dict[str, List[torch.Tensor]],
+                         idx: torch.Tensor, rows: slice, ref: Result, specs: List[HookSpec],
+                         tensor_hook_refused: bool) -> None:
+    """Register ``specs``, check the full parameter by unwrapped name, run this rank's step, check captures."""
+    register(flex, specs)
+    if tensor_hook_refused:  # the parameter exists by name, but FSDP sets its .grad outside autograd
+        with pytest.raises(ValueError, match="would never fire"):
+            flex.register_hook(HookFunction("layers.1.mlp.up.weight"))
+    torch.testing.assert_close(flex.get_module_parameter("layers.0.mlp.up.weight"),
+                               tiny_gpt().get_parameter("layers.0.mlp.up.weight"))
+    flex_step(flex, idx, rows, ref, world_size)
+    check_captures(rank, output_dict, ref, specs)
+
+
 def _fsdp1_case(rank: int, world_size: int, use_orig_params: bool) -> None:
     specs = fsdp_hooks()
     idx = tokens(2 * world_size)
@@ -56,16 +69,8 @@ def _fsdp1_case(rank: int, world_size: int, use_orig_params: bool) -> None:
     flex = FlexModel(model, output_dict, data_parallel_size=world_size if use_orig_params else 1)
     assert flex.layout.dp == world_size
     assert sorted(flex.wrapped_module_names) == sorted(n for n, _ in tiny_gpt().named_modules() if n)
-    register(flex, specs)
-    if use_orig_params:  # the parameter exists by name, but FSDP sets its .grad outside autograd
-        with pytest.raises(ValueError, match="would never fire"):
-            flex.register_hook(HookFunction("layers.1.mlp.up.weight"))
-    torch.testing.assert_close(flex.get_module_parameter("layers.0.mlp.up.weight"),
-                               tiny_gpt().get_parameter("layers.0.mlp.up.weight"))
-    out = flex(idx[rows])
-    torch.testing.assert_close(out.detach(), ref.out[rows])
-    flex_backward(out, idx[rows], idx.numel() - idx.shape[0], world_size)
-    check_captures(rank, output_dict, ref, specs)
+    _hook_step_and_check(rank, world_size, flex, output_dict, idx, rows, ref, specs,
+                         tensor_hook_refused=use_orig_params)
     flex.restore()
     check_grads(fsdp1_full_grads(model, use_orig_params), ref)
 
@@ -93,15 +98,7 @@ def test_fsdp2_fully_shard(rank, world_size):
     output_dict: Dict[str, List[torch.Tensor]] = {}
     flex = FlexModel(model, output_dict)  # layout read off the model: dp over the world
     assert flex.layout.dp == world_size
-    register(flex, specs)
-    with pytest.raises(ValueError, match="would never fire"):  # fully_shard sets .grad outside autograd
-        flex.register_hook(HookFunction("layers.1.mlp.up.weight"))
-    torch.testing.assert_close(flex.get_module_parameter("layers.0.mlp.up.weight"),
-                               tiny_gpt().get_parameter("layers.0.mlp.up.weight"))
-    out = flex(idx[rows])
-    torch.testing.assert_close(out.detach(), ref.out[rows])
-    flex_backward(out, idx[rows], idx.numel() - idx.shape[0], world_size)
-    check_captures(rank, output_dict, ref, specs)
+    _hook_step_and_check(rank, world_size, flex, output_dict, idx, rows, ref, specs, tensor_hook_refused=True)
     check_grads({n: p.grad.full_tensor() for n, p in model.named_parameters()}, ref)
     flex.restore()
 
@@ -126,9 +123,7 @@ def test_hf_llama_under_fsdp1(rank, world_size):
     output_dict: Dict[str, List[torch.Tensor]] = {}
     flex = FlexModel(model, output_dict, data_parallel_size=world_size)
     register(flex, specs)
-    out = logits(flex, idx[rows])
-    torch.testing.assert_close(out.detach(), ref.out[rows])
-    flex_backward(out, idx[rows], idx.numel() - idx.shape[0], world_size)
+    flex_step(flex, idx, rows, ref, world_size, forward=logits)
     check_captures(rank, output_dict, ref, specs)
     flex.restore()
     check_grads(fsdp1_full_grads(model, True), ref)

@@ -13,8 +13,9 @@ import torch
 def main() -> str:
     from accelerate import Accelerator
 
-    from _test.test_distributed_dp import (check_captures, check_grads, ddp_grads, five_hook_types, reference_run,
-                                           register, row_slices, tiny_gpt, tokens)
+    from _test.distributed import (check_captures, check_grads, ddp_grads, five_hook_types, reference_run, register,
+                                   row_slices, tokens)
+    from _test.models import tiny_gpt
     from flex_model import FlexModel
 
     torch.set_num_threads(1)
