@@ -12,8 +12,18 @@ control is trained identically except that no routing masks are set. Then
 the expanded units are ablated (a pass without the "expand" hook group, the
 same as ``contract()``) and forget / retain validation losses are compared.
 
-    python examples/gradient_routing/era.py --quick   # < 4 min, prints one JSON line
-    python examples/gradient_routing/era.py           # full run, writes docs/gradient_routing.{png,table}
+    python examples/gradient_routing/era.py --quick           # ~45 s on 2 idle CPU cores, prints one JSON line
+    python examples/gradient_routing/era.py                   # full run, ~12 min on 2 CPU cores
+    python examples/gradient_routing/era.py --out docs        # full run, regenerates the docs' figure and table
+
+One process plus a pool of 2 worker processes (ERA and the control train side by
+side, one thread each); under torchrun, rank 0 runs it and the other ranks exit.
+``--quick`` (200 steps, the default variant) writes nothing. The full run (300
+steps, three variants: ~12 minutes on 2 CPU cores) writes
+``gradient_routing.png`` and the results table to ``--out`` (default
+``./era_out``, made if missing): the table goes into ``gradient_routing.md``
+between its ``<!-- results:start/end -->`` markers if that file is there (as in
+``docs/``), else into ``gradient_routing_table.md``. It prints the paths.
 """
 from __future__ import annotations
 
@@ -123,8 +133,13 @@ MAIN = "parameter"  # the variant --quick reports
 VARIANTS = {"parameter": {}, "activation": dict(level="activation"), "parameter+coherence": dict(coherence=True)}
 
 
-def write_docs(variants: dict, out_dir: str) -> None:
-    """The PNG (loss curves, before/after bars) and the results table in ``docs/gradient_routing.md``."""
+def write_results(variants: dict, out_dir: str) -> list:
+    """The PNG (loss curves, before/after bars) and the results table, in ``out_dir``; returns the paths.
+
+    The table replaces the results section of ``out_dir/gradient_routing.md`` when that file exists
+    (``--out docs``), else it is written to ``out_dir/gradient_routing_table.md``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +163,8 @@ def write_docs(variants: dict, out_dir: str) -> None:
         ax.set(ylabel="validation loss (nats)", title=f"ablation ({name})")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "gradient_routing.png"), dpi=90)
+    png = os.path.join(out_dir, "gradient_routing.png")
+    fig.savefig(png, dpi=90)
     rows = ["| variant | run | forget before | forget after | Δ forget | retain before | retain after | Δ retain |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, results in variants.items():
@@ -161,25 +177,37 @@ def write_docs(variants: dict, out_dir: str) -> None:
     table = (f"Seed {cfg['seed']}, {cfg['steps']} steps; best achievable loss per domain ≈ "
              f"{cfg['entropy']:.2f} nats, uniform {math.log(cfg['vocab']):.2f}.\n\n" + "\n".join(rows))
     doc = os.path.join(out_dir, "gradient_routing.md")
-    text = open(doc).read()
-    head, rest = text.split("<!-- results:start -->")
-    _, tail = rest.split("<!-- results:end -->")
-    with open(doc, "w") as f:
-        f.write(f"{head}<!-- results:start -->\n{table}\n<!-- results:end -->{tail}")
+    if os.path.exists(doc):
+        text = open(doc).read()
+        head, rest = text.split("<!-- results:start -->")
+        _, tail = rest.split("<!-- results:end -->")
+        with open(doc, "w") as f:
+            f.write(f"{head}<!-- results:start -->\n{table}\n<!-- results:end -->{tail}")
+    else:
+        doc = os.path.join(out_dir, "gradient_routing_table.md")
+        with open(doc, "w") as f:
+            f.write(table + "\n")
+    return [png, doc]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller run; print one JSON line and exit")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "..", "docs"))
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller run (~45 s on 2 idle CPU cores); print one JSON line, write nothing")
+    parser.add_argument("--out", default="era_out", metavar="DIR",
+                        help="where the full run (~12 min on 2 CPU cores) writes its figure and table "
+                             "(default: ./era_out; --out docs regenerates the docs' ones)")
     args = parser.parse_args()
     if args.quick:
         print(json.dumps(summary(run("quick", verbose=False, **VARIANTS[MAIN]))))
         return
+    print(f"full run: 3 variants x (ERA, control), ~12 min on 2 CPU cores; results go to "
+          f"{os.path.abspath(args.out)} (--quick: ~45 s, writes nothing)", flush=True)
     variants = {name: run("full", **overrides) for name, overrides in VARIANTS.items()}
     for name, results in variants.items():
         print(json.dumps({"variant": name, **summary(results)}))
-    write_docs(variants, args.out)
+    for path in write_results(variants, args.out):
+        print(f"wrote {os.path.abspath(path)}")
 
 
 if __name__ == "__main__":
