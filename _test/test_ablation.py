@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _test.distributed import multi_process
-from _test.models import TinyGPT, lm_loss
+from _test.models import TinyGPT, fairscale_tp_gpt, lm_loss
 from flex_model import Ablation, FlexModel, RunningMean
 
 BLOCKS = [(0, 8), (20, 24)]
@@ -99,15 +99,14 @@ def test_zero_ablation_under_fairscale_tp(rank, world_size):
     torch.set_num_threads(1)
     from fairscale.nn.model_parallel import initialize as fs
 
-    from _test.test_routing import _tp_model
-
     fs.initialize_model_parallel(2)
     model, idx = make_model(), tokens()
-    tp = _tp_model(model, rank)
+    tp = fairscale_tp_gpt(model, rank)
     flex = FlexModel(tp, {})
     flex.create_hook_group("ablate", "layers.0.mlp.up", editing_function=Ablation([(28, 40)]))
     logits = flex(idx, groups="ablate")
     ref = copy.deepcopy(model)
     ref.layers[0].mlp.up.register_forward_hook(lambda m, a, out: out.index_fill(-1, torch.arange(28, 40), 0.0))
-    torch.testing.assert_close(logits, ref(idx), rtol=1e-5, atol=1e-6)
+    # atol 1e-5: the row-parallel layers sum their shards in another order than one process does
+    torch.testing.assert_close(logits, ref(idx), rtol=1e-5, atol=1e-5)
     fs.destroy_model_parallel()

@@ -257,7 +257,7 @@ def test_describe_lists_hooks_types_edits_and_groups():
     flex.register_trainable_module("probe", nn.Linear(2, 2))
     text = flex.describe()
     lines = text.splitlines()
-    assert lines[0] == "FlexModel(TinyGPT, layout dp=1 pp=1 tp=1, 2 hooks)"
+    assert lines[0] == "FlexModel(TinyGPT, layout dp=1 pp=1 tp=1 (one process), 2 hooks)"
     assert lines[1].split() == ["layers.0.mlp", "forward", "edit", "groups=['all']"]
     assert lines[2].split() == ["layers.1.attn.proj.weight", "tensor", "capture", "groups=['all',", "'grads']"]
     assert lines[3] == "  trainable modules: ['probe']"
@@ -304,7 +304,7 @@ def test_original_api_forms_of_group_queries_parameters_and_hook_types():
     hook_type "backward_pre"."""
     flex = FlexModel(TinyGPT(), {})
     hooks = flex.create_hook_group("mlps", "mlp.up", hook_type="backward_pre")
-    assert all(h.hook_type == "full_backward_pre" for h in hooks)
+    assert all([r.hook_type for r in flex.registrations(h)] == ["full_backward_pre"] for h in hooks)
     assert flex.get_hook_function_groups(hooks[0]) == {"all", "mlps"}
     assert flex.get_group_hook_functions("mlps") == hooks
     with pytest.raises(ValueError, match="unknown hook group"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _test.models import TinyGPT, lm_loss
-from flex_model import FlexModel, HookFunction, Shard, ShardwiseEdit
+from flex_model import FlexModel, HookFunction, ShardInfo, ShardwiseEdit
 
 torch.set_num_threads(1)
 IDX = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -43,30 +43,76 @@ def test_expected_shape_accepts_none_dims_and_repr_names_everything():
 
     hook = HookFunction("layers.0.mlp", expected_shape=[2, None, 32], editing_function=my_edit, unpack_idx=1)
     assert hook.expected_shape == (2, None, 32)
-    assert repr(hook) == ("HookFunction('layers.0.mlp', type=None, expected_shape=(2, None, 32), "
+    assert repr(hook) == ("HookFunction('layers.0.mlp', expected_shape=(2, None, 32), "
                           "editing_function=my_edit, unpack_idx=1)")
     flex, _ = make_flex()
-    flex.register_forward_pre_hook(hook)
-    assert "type=forward_pre" in repr(hook)
+    handle = flex.register_forward_pre_hook(hook)
+    assert repr(hook) == repr(HookFunction("layers.0.mlp", [2, None, 32], my_edit, 1))  # registering adds nothing
+    assert vars(hook) == {"module_name": "layers.0.mlp", "expected_shape": (2, None, 32),
+                          "editing_function": my_edit, "unpack_idx": 1}
+    assert "Registration(HookFunction('layers.0.mlp'" in repr(handle.registration)
+    assert handle.registration.hook_type == "forward_pre" and handle.hook is hook
+
+
+def test_an_editing_function_passed_as_expected_shape_is_named():
+    def edit(module, x, ctx, mods):
+        return x
+
+    with pytest.raises(TypeError, match=r"expected_shape \(the second argument\) got the callable edit; pass an "
+                                        r"editing function by keyword: HookFunction\('0', editing_function=...\)"):
+        HookFunction("0", edit)
 
 
 # -- registration ------------------------------------------------------------------------
-def test_registering_a_hook_function_twice_raises():
+def test_registering_a_hook_function_twice_as_one_type_on_one_wrapper_raises():
     flex, _ = make_flex()
     hook = HookFunction("layers.0.mlp")
     handle = flex.register_forward_hook(hook)
-    with pytest.raises(ValueError, match="already registered; create a new HookFunction"):
+    with pytest.raises(ValueError, match="already registered here as a forward hook; remove the first"):
         flex.register_forward_hook(hook)
-    with pytest.raises(ValueError, match="already registered"):
-        flex.register_forward_pre_hook(hook)
-    other, _ = make_flex()
-    with pytest.raises(ValueError, match="already registered"):  # on another FlexModel too
-        other.register_forward_hook(hook)
+    with pytest.raises(ValueError, match="already registered here as a forward hook"):
+        flex.register(hook, "forward")
     handle.remove()
     handle.remove()  # a second removal is fine
     flex.register_forward_hook(hook)  # free again after removal
     with pytest.raises(TypeError, match="expected a HookFunction, got str"):
         flex.register_forward_hook("layers.0.mlp")
+    with pytest.raises(ValueError, match="unknown hook_type 'sideways'"):
+        flex.register(hook, "sideways")
+
+
+def test_one_hook_function_on_two_wrappers_and_as_two_types_fires_for_each_registration():
+    """The registration record belongs to the wrapper: the same HookFunction registered on two wrappers, or
+    as two hook types on one, fires once per registration, and each handle removes only its own."""
+    seen = []
+
+    def record(module, x, ctx, mods):
+        seen.append(tuple(x.shape))
+
+    hook = HookFunction("layers.0.mlp", editing_function=record)
+    first, out1 = make_flex()
+    second, out2 = make_flex()
+    fwd = first.register_forward_hook(hook)
+    pre = first.register(hook, "full_backward_pre")
+    other = second.register_forward_hook(hook)
+    first.update_hook_groups(hook, "g")  # tags every registration of the hook on this wrapper
+    assert [r.hook_type for r in first.registrations(hook)] == ["forward", "full_backward_pre"]
+    assert first.get_hook_function_groups(hook) == {"all", "g"}
+    assert second.get_hook_function_groups(hook) == {"all"}
+    first(IDX).sum().backward()
+    assert seen == [(2, 6, 32), (2, 6, 32)] and len(out1["layers.0.mlp"]) == 2  # forward, then its gradient
+    seen.clear()
+    second(IDX)
+    assert seen == [(2, 6, 32)] and len(out2["layers.0.mlp"]) == 1
+    fwd.remove()
+    seen.clear()
+    first(IDX).sum().backward()
+    assert seen == [(2, 6, 32)]  # the backward registration is left
+    assert [r.hook_type for r in first.registrations(hook)] == ["full_backward_pre"]
+    pre.remove()
+    other.remove()
+    with pytest.raises(ValueError, match="is not registered with this model"):
+        first.get_hook_function_groups(hook)
 
 
 def test_tensor_hook_on_a_module_name_and_module_hook_on_a_parameter():
@@ -197,5 +243,5 @@ def test_shardwise_edit_returning_a_wrong_shape():
     flex.register_forward_hook(HookFunction("layers.0.mlp", editing_function=Bad()))
     with pytest.raises(ValueError, match=r'shardwise edit of hook "layers.0.mlp" returned shape \(6, 32\)'):
         flex(IDX)
-    assert Shard().global_index(0, 3).tolist() == [0, 1, 2]
-    assert Shard(tp_dim=1, tp_rank=2, tp_size=4).global_index(1, 3).tolist() == [6, 7, 8]
+    assert ShardInfo().global_index(0, 3).tolist() == [0, 1, 2]
+    assert ShardInfo(tp_dim=1, tp_rank=2, tp_size=4).global_index(1, 3).tolist() == [6, 7, 8]

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flex_model.hook_function import Shard, ShardwiseEdit
+from flex_model.collectives import all_reduce_
+from flex_model.hook_function import ShardInfo, ShardwiseEdit
 from flex_model.routing import Block, blocks_mask, global_units, unit_count
 
 MODES = ("zero", "mean", "resample")
@@ -33,7 +34,7 @@ class RunningMean(ShardwiseEdit):
         self.sum: Optional[torch.Tensor] = None  # [global units]; only this rank's shard is filled
         self.count = 0
 
-    def edit_shard(self, current_module: nn.Module, local: torch.Tensor, shard: Shard,
+    def edit_shard(self, current_module: nn.Module, local: torch.Tensor, shard: ShardInfo,
                    modules: nn.ModuleDict) -> None:
         units = global_units(shard, local)
         if self.sum is None:
@@ -53,8 +54,8 @@ class RunningMean(ShardwiseEdit):
     def all_reduce(self, group: Optional[dist.ProcessGroup] = None) -> None:
         """Sum the records of every rank of ``group`` (e.g. the data parallel ranks)."""
         counts = torch.tensor([float(self.count)], dtype=torch.float64)
-        dist.all_reduce(self.sum, group=group)
-        dist.all_reduce(counts, group=group)
+        all_reduce_(self.sum, group)  # CPU float64 statistics: moved to the group's device and back
+        all_reduce_(counts, group)
         self.count = int(counts.item())
 
 
@@ -70,7 +71,7 @@ class Ablation(ShardwiseEdit):
         self.blocks = [tuple(b) for b in blocks]
         self.mode, self.mean, self.seed = mode, mean, seed
 
-    def edit_shard(self, current_module: nn.Module, local: torch.Tensor, shard: Shard,
+    def edit_shard(self, current_module: nn.Module, local: torch.Tensor, shard: ShardInfo,
                    modules: nn.ModuleDict) -> torch.Tensor:
         units = global_units(shard, local)
         full = unit_count(shard, local)

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from flex_model.collectives import broadcast_int
 from flex_model.firing import HOOK_KINDS
 from flex_model.flex_model import FlexModel
 from flex_model.hook_function import HookFunction
@@ -75,7 +75,7 @@ def dump_activations(flex: FlexModel, loader: Iterable, out_dir: Union[str, os.P
         raise ValueError(f"batches_per_shard must be >= 1, got {batches_per_shard}")
     if hook_type not in HOOK_KINDS or hook_type == "tensor":
         raise ValueError(f"hook_type must be one of {sorted(set(HOOK_KINDS) - {'tensor'})}, got {hook_type!r}")
-    if flex._runtime.store == "none":
+    if flex.store == "none":
         raise ValueError('this FlexModel was wrapped with store="none", which keeps no activations; '
                          'wrap it with store="root" (the default) to dump them')
     layout, out = flex.layout, Path(out_dir)
@@ -94,7 +94,7 @@ def dump_activations(flex: FlexModel, loader: Iterable, out_dir: Union[str, os.P
     if done < 0:
         raise RuntimeError(f"the owner rank {layout.owner} could not resume the dump in {out}; see its traceback")
     hooks = [HookFunction(n, unpack_idx=unpack_idx) for n in names]
-    handles = [flex._register(h, hook_type) for h in hooks]
+    handles = [flex.register(h, hook_type) for h in hooks]
     try:
         pending: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
         first, problem = done, None
@@ -130,11 +130,7 @@ def _from_owner(flex: FlexModel, value: int) -> int:
     """The owner's ``value`` on every rank of the wrapped group."""
     if flex.layout.is_single:
         return value
-    on_gpu = dist.get_backend(flex.process_group) == "nccl"  # NCCL only moves CUDA tensors
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.broadcast(t, src=flex.layout.owner, group=flex.process_group)
-    return int(t.item())
+    return broadcast_int(value, flex.layout.owner, flex.process_group)
 
 
 def _flush(flex: FlexModel, writer: Optional["_ShardWriter"], pending: Dict[str, List[torch.Tensor]],

@@ -1,6 +1,13 @@
-"""Collectives of one hook firing over a pipeline stage's dp × tp ranks.
+"""Every collective flex_model runs, and the device its tensors live on.
 
-All traffic of a firing goes through the stage's root (dp 0, tp 0):
+``comm_device(group)`` is the one rule for where a tensor handed to a
+collective lives (NCCL: the current CUDA device; gloo: CPU). Small
+agreements over a group: ``any_rank`` (did any rank flag a problem?),
+``broadcast_int``, ``all_reduce_``. Pipeline shipping (``pipeline.py``) uses
+point-to-point sends on ``comm_device`` tensors.
+
+A hook firing's traffic runs over its pipeline ``Stage``'s dp × tp ranks,
+through the stage's root (dp 0, tp 0):
 
 - ``exchange``: one all-to-all carrying every rank's header (local shape,
   error status) to every rank, and its piece to the root. Input placement: each rank's local
@@ -26,18 +33,17 @@ All traffic of a firing goes through the stage's root (dp 0, tp 0):
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from flex_model.placement import Placement
+from flex_model.layout import Stage
+from flex_model.placement import Placement, gradient_placement
 
 MAX_DIMS = 8
 MSG_INTS = 40  # 320 bytes of error text
-HEADER_INTS = 3 + MAX_DIMS + MSG_INTS
 OK, FAILED, UNCHANGED, NO_PAYLOAD = 0, 1, 2, 3
 
 
@@ -45,27 +51,47 @@ class HookFailure(RuntimeError):
     """Raised on the ranks whose hook did not fail, when another rank's did."""
 
 
-@dataclass(frozen=True)
-class StagePeers:
-    """The ranks of one pipeline stage, ordered by (dp, tp); index 0 is the root."""
+# -- where tensors go, and small agreements --------------------------------------
+def comm_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """The device of every tensor flex_model hands to a collective on ``group``: NCCL moves only
+    CUDA tensors (the current device), gloo CPU tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    group: dist.ProcessGroup
-    ranks: Tuple[int, ...]
-    dp: int
-    tp: int
-    me: int  # this rank's index in ``ranks``
 
-    @property
-    def is_root(self) -> bool:
-        return self.me == 0
+def any_rank(flag: bool, group: Optional[dist.ProcessGroup] = None) -> bool:
+    """True on every rank of ``group`` if ``flag`` is True on any (an all-reduce of one int)."""
+    t = torch.tensor([int(flag)], device=comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
-    def coords(self, index: int) -> Tuple[int, int]:
-        return divmod(index, self.tp)
 
-    def is_source(self, index: int, placement: Placement) -> bool:
-        dp_i, tp_i = self.coords(index)
-        keep_dp = placement.dp_dim is not None or placement.dp_mean or dp_i == 0
-        return keep_dp and (placement.tp_dim is not None or tp_i == 0)
+def broadcast_int(value: int, src: int, group: Optional[dist.ProcessGroup] = None) -> int:
+    """Global rank ``src``'s ``value`` on every rank of ``group``."""
+    t = torch.tensor([value], dtype=torch.int64, device=comm_device(group))
+    dist.broadcast(t, src=src, group=group)
+    return int(t.item())
+
+
+def all_reduce_(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
+                op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce ``tensor`` in place over ``group``, moving it to ``comm_device`` and back if needed
+    (e.g. CPU statistics under NCCL)."""
+    device = comm_device(group)
+    moved = tensor.to(device) if tensor.device != device else tensor
+    dist.all_reduce(moved, op=op, group=group)
+    if moved is not tensor:
+        tensor.copy_(moved)
+    return tensor
+
+
+def is_source(stage: Stage, index: int, placement: Placement) -> bool:
+    """Whether the rank at ``index`` of ``stage`` contributes a piece of a value so placed (a
+    replicated dim is taken from its rank 0 only)."""
+    dp_i, tp_i = stage.coords(index)
+    keep_dp = placement.dp_dim is not None or placement.dp_mean or dp_i == 0
+    return keep_dp and (placement.tp_dim is not None or tp_i == 0)
 
 
 # -- headers and status ---------------------------------------------------------
@@ -85,7 +111,7 @@ def _parse(header: torch.Tensor) -> Tuple[int, Tuple[int, ...], str, int]:
     return int(values[0]), tuple(int(d) for d in values[3:3 + ndim]), text, int(values[2])
 
 
-def exchange(peers: StagePeers, local: Optional[torch.Tensor], placement: Optional[Placement],
+def exchange(stage: Stage, local: Optional[torch.Tensor], placement: Optional[Placement],
              error: Optional[BaseException], device: torch.device, hook_name: str, *, send: bool,
              everyone: bool, capacity: int) -> Tuple[List[Tuple[int, ...]], Optional[torch.Tensor], int]:
     """Every rank's header (shape, error status) to every rank and, with ``send``, its piece to the root
@@ -101,10 +127,10 @@ def exchange(peers: StagePeers, local: Optional[torch.Tensor], placement: Option
     """
     if error is None and len(local.shape) > MAX_DIMS:
         error = ValueError(f"hook values have at most {MAX_DIMS} dims, got {local.ndim}")
-    n, me = len(peers.ranks), peers.me
+    n, me = len(stage.ranks), stage.me
     capacity = -(-capacity // 8) * 8  # chunk offsets stay aligned for any dtype
     receives = [everyone or d == 0 for d in range(n)]  # who gets the pieces
-    sends = send and error is None and peers.is_source(me, placement) and any(
+    sends = send and error is None and is_source(stage, me, placement) and any(
         receives[d] for d in range(n) if d != me)
     payload = local.detach().contiguous().reshape(-1).view(torch.uint8) if sends else None
     nbytes = payload.numel() if sends else 0
@@ -124,13 +150,13 @@ def exchange(peers: StagePeers, local: Optional[torch.Tensor], placement: Option
                 chunks[offset + head_bytes:offset + head_bytes + nbytes] = payload
             offset += size
         received = torch.empty(sum(in_sizes), dtype=torch.uint8, device=device)
-        dist.all_to_all_single(received, chunks, in_sizes, out_sizes, group=peers.group)
+        dist.all_to_all_single(received, chunks, in_sizes, out_sizes, group=stage.group)
         starts = [sum(in_sizes[:s]) for s in range(n)]
         return received, starts
 
     received, starts = all_to_all(head, capacity, status == OK)
     parsed = [_parse(received[i:i + head].view(torch.int64)) for i in starts]
-    failed = [(peers.ranks[i], text) for i, (st, _, text, _) in enumerate(parsed) if st == FAILED]
+    failed = [(stage.ranks[i], text) for i, (st, _, text, _) in enumerate(parsed) if st == FAILED]
     if error is not None:
         raise error
     if failed:
@@ -144,21 +170,21 @@ def exchange(peers: StagePeers, local: Optional[torch.Tensor], placement: Option
     if not send or not receives[me]:
         return shapes, None, capacity
     pieces = {i: received[starts[i] + head:starts[i] + head + sizes[i]].view(local.dtype).reshape(shapes[i])
-              for i in range(n) if i != me and peers.is_source(i, placement)}
+              for i in range(n) if i != me and is_source(stage, i, placement)}
     pieces[me] = local.detach()
-    return shapes, assemble(pieces, peers, placement), capacity
+    return shapes, assemble(pieces, stage, placement), capacity
 
 
-def broadcast_status(peers: StagePeers, status: int, error: Optional[BaseException], device: torch.device,
+def broadcast_status(stage: Stage, status: int, error: Optional[BaseException], device: torch.device,
                      hook_name: str, flag: int = 0) -> Tuple[int, int]:
     """The root's ``(status, flag)`` on every rank; a failure raises on every rank."""
     header = _header(status, (flag,), _describe(error), device)
-    dist.broadcast(header, src=peers.ranks[0], group=peers.group)
+    dist.broadcast(header, src=stage.ranks[0], group=stage.group)
     status, (flag,), text, _ = _parse(header)
     if status == FAILED:
         if error is not None:
             raise error
-        raise HookFailure(f'hook "{hook_name}" failed on rank {peers.ranks[0]}: {text}')
+        raise HookFailure(f'hook "{hook_name}" failed on rank {stage.ranks[0]}: {text}')
     return status, flag
 
 
@@ -167,44 +193,44 @@ def _describe(error: Optional[BaseException]) -> str:
 
 
 # -- data ------------------------------------------------------------------------
-def gather_to_root(peers: StagePeers, local: torch.Tensor, placement: Placement,
+def gather_to_root(stage: Stage, local: torch.Tensor, placement: Placement,
                    shapes: List[Tuple[int, ...]]) -> Optional[torch.Tensor]:
     """Pieces → the full tensor on the root (None on other ranks)."""
-    sources = [i for i in range(len(peers.ranks)) if peers.is_source(i, placement)]
-    if not peers.is_root:
-        if peers.me in sources:
-            dist.send(local.contiguous(), dst=peers.ranks[0], group=peers.group)
+    sources = [i for i in range(len(stage.ranks)) if is_source(stage, i, placement)]
+    if not stage.is_root:
+        if stage.me in sources:
+            dist.send(local.contiguous(), dst=stage.ranks[0], group=stage.group)
         return None
     pieces = {0: local}
     requests = []
     for i in sources[1:]:
         pieces[i] = torch.empty(shapes[i], dtype=local.dtype, device=local.device)
-        requests.append(dist.irecv(pieces[i], src=peers.ranks[i], group=peers.group))
+        requests.append(dist.irecv(pieces[i], src=stage.ranks[i], group=stage.group))
     for request in requests:
         request.wait()
-    return assemble(pieces, peers, placement)
+    return assemble(pieces, stage, placement)
 
 
-def assemble(pieces: dict, peers: StagePeers, placement: Placement) -> torch.Tensor:
+def assemble(pieces: dict, stage: Stage, placement: Placement) -> torch.Tensor:
     """The full tensor from the source ranks' pieces (keyed by stage index)."""
     rows = []
-    for d in range(peers.dp if placement.dp_dim is not None or placement.dp_mean else 1):
-        row = [pieces[d * peers.tp + t] for t in range(peers.tp if placement.tp_dim is not None else 1)]
+    for d in range(stage.dp if placement.dp_dim is not None or placement.dp_mean else 1):
+        row = [pieces[d * stage.tp + t] for t in range(stage.tp if placement.tp_dim is not None else 1)]
         rows.append(torch.cat(row, placement.tp_dim) if len(row) > 1 else row[0])
     if placement.dp_mean:
         return torch.stack(rows).mean(0)
     return torch.cat(rows, placement.dp_dim) if len(rows) > 1 else rows[0]
 
 
-def split_pieces(full: torch.Tensor, peers: StagePeers, placement: Placement,
+def split_pieces(full: torch.Tensor, stage: Stage, placement: Placement,
                  shapes: List[Tuple[int, ...]]) -> List[torch.Tensor]:
     """The piece of ``full`` that each stage rank holds (views)."""
     pieces = []
-    for i in range(len(peers.ranks)):
-        dp_i, tp_i = peers.coords(i)
+    for i in range(len(stage.ranks)):
+        dp_i, tp_i = stage.coords(i)
         piece = full
         if placement.dp_dim is not None:
-            start = sum(shapes[d * peers.tp][placement.dp_dim] for d in range(dp_i))
+            start = sum(shapes[d * stage.tp][placement.dp_dim] for d in range(dp_i))
             piece = piece.narrow(placement.dp_dim, start, shapes[i][placement.dp_dim])
         if placement.tp_dim is not None:
             size = shapes[i][placement.tp_dim]
@@ -213,15 +239,15 @@ def split_pieces(full: torch.Tensor, peers: StagePeers, placement: Placement,
     return pieces
 
 
-def scatter_from_root(peers: StagePeers, full: Optional[torch.Tensor], placement: Placement,
+def scatter_from_root(stage: Stage, full: Optional[torch.Tensor], placement: Placement,
                       shapes: List[Tuple[int, ...]], like: torch.Tensor) -> torch.Tensor:
     """The full tensor on the root → this rank's piece (shaped and typed like ``like``)."""
-    if not peers.is_root:
-        out = torch.empty(shapes[peers.me], dtype=like.dtype, device=like.device)
-        dist.recv(out, src=peers.ranks[0], group=peers.group)
+    if not stage.is_root:
+        out = torch.empty(shapes[stage.me], dtype=like.dtype, device=like.device)
+        dist.recv(out, src=stage.ranks[0], group=stage.group)
         return out
-    pieces = split_pieces(full, peers, placement, shapes)
-    requests = [dist.isend(pieces[i].contiguous(), dst=peers.ranks[i], group=peers.group)
+    pieces = split_pieces(full, stage, placement, shapes)
+    requests = [dist.isend(pieces[i].contiguous(), dst=stage.ranks[i], group=stage.group)
                 for i in range(1, len(pieces))]
     for request in requests:
         request.wait()
@@ -233,7 +259,7 @@ def scatter_from_root(peers: StagePeers, full: Optional[torch.Tensor], placement
 class EditedOnRoot:
     """What a ``ScatterEdit`` needs: the stage, the placement, and on the root the edit's graph."""
 
-    peers: StagePeers
+    stage: Stage
     placement: Placement
     shapes: List[Tuple[int, ...]]
     leaf: Optional[torch.Tensor] = None  # root: the full input, a leaf of the edit's graph
@@ -249,21 +275,19 @@ class ScatterEdit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_local: torch.Tensor, anchor: torch.Tensor, job: EditedOnRoot) -> torch.Tensor:
         ctx.job = job
-        full = job.edited.detach() if job.peers.is_root else None
-        return scatter_from_root(job.peers, full, job.placement, job.shapes, x_local)
+        full = job.edited.detach() if job.stage.is_root else None
+        return scatter_from_root(job.stage, full, job.placement, job.shapes, x_local)
 
     @staticmethod
     def backward(ctx, grad_local: torch.Tensor):
         job: EditedOnRoot = ctx.job
         # A value every dp rank holds whole gets a per-rank part of its gradient from each: average them.
-        grad_placement = job.placement
-        if job.peers.dp > 1 and job.placement.dp_dim is None:
-            grad_placement = dataclasses.replace(job.placement, dp_mean=True)
-        grad_full = gather_to_root(job.peers, grad_local.contiguous(), grad_placement, job.shapes)
+        grad_placement = gradient_placement(job.placement, job.stage.dp)
+        grad_full = gather_to_root(job.stage, grad_local.contiguous(), grad_placement, job.shapes)
         grad_x = None
-        if job.peers.is_root:
+        if job.stage.is_root:
             if job.edited.requires_grad:
                 torch.autograd.backward(job.edited, grad_full / job.grad_scale, retain_graph=True)
             grad_x = job.leaf.grad * job.grad_scale if job.leaf.grad is not None else torch.zeros_like(job.leaf)
             job.leaf.grad = None
-        return scatter_from_root(job.peers, grad_x, job.placement, job.shapes, grad_local), None, None
+        return scatter_from_root(job.stage, grad_x, job.placement, job.shapes, grad_local), None, None

@@ -27,13 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from flex_model.collectives import all_reduce_
 from flex_model.flex_model import FlexModel
-from flex_model.hook_function import HookFunction, Shard, ShardwiseEdit
+from flex_model.hook_function import HookFunction, ShardInfo, ShardwiseEdit
 from flex_model.routing import Router, scale_grad
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-
 
 class ExpandedUnits(nn.Module):
     """``down(act(up(x)))`` with ``d_expand`` hidden units; ``down`` starts at zero."""
@@ -53,7 +50,7 @@ class Expansion(ShardwiseEdit):
                  param_level: bool = False) -> None:
         self.key, self.router, self.unit_offset, self.param_level = key, router, unit_offset, param_level
 
-    def edit_shard(self, current_module: nn.Module, local: torch.Tensor, shard: Shard,
+    def edit_shard(self, current_module: nn.Module, local: torch.Tensor, shard: ShardInfo,
                    modules: nn.ModuleDict) -> torch.Tensor:
         units: ExpandedUnits = modules[self.key]
         x = shard.module_args[0]
@@ -82,23 +79,11 @@ class Expanded:
         """Average the expanded units' gradients over ``group`` (the data parallel ranks)."""
         for p in self.parameters():
             if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, group=group)
+                all_reduce_(p.grad, group, op=dist.ReduceOp.AVG)  # the DDP/FSDP mean convention
 
     def contract(self) -> nn.Module:
         """A plain deep copy of the wrapped model with every FlexModel hook (and the expansion) dropped."""
-        ids = {h._handle.id for h in self.flex.get_hook_function_groups() if h._handle is not None}
-        model = copy.deepcopy(self.flex.module)
-        for m in model.modules():
-            for attr in _HOOK_DICTS:
-                hooks = getattr(m, attr, None)
-                for i in ids:
-                    if hooks is not None:
-                        hooks.pop(i, None)
-        for p in model.parameters():
-            for i in ids:
-                if p._backward_hooks is not None:
-                    p._backward_hooks.pop(i, None)
-        return model
+        return self.flex.copy_without_hooks()
 
 
 def expand(flex: FlexModel, module_names: Sequence[str], d_expand: int, *, d_model: Optional[int] = None,
@@ -123,7 +108,7 @@ def expand(flex: FlexModel, module_names: Sequence[str], d_expand: int, *, d_mod
 
 
 def _input_size(flex: FlexModel, name: str) -> int:
-    _, module = flex._names.module(name)  # raises with close matches for unknown names
+    module = flex.get_module(name)  # raises with close matches for unknown names
     for m in module.modules():
         size = getattr(m, "in_features", None)
         if isinstance(size, int):

@@ -1,7 +1,8 @@
 """One hook firing: unpack → gather → store → edit → scatter → repack.
 
 ``HOOK_KINDS`` is the one table from a hook type to the torch method that
-registers it and to the hooked value's side. ``fire`` runs one firing:
+registers it and to the hooked value's side. A ``Registration`` is the
+wrapper's record of one registered hook. ``fire`` runs one firing:
 
 1. unpack: pick the ``unpack_idx``-th tensor leaf; a DTensor becomes its
    local shard; infer the ``Placement`` of that shard.
@@ -23,23 +24,25 @@ Gradients under data parallel: backward hooks see the gradient of the mean
 of the per-rank losses (the DDP/FSDP convention), i.e. the gathered local
 gradients divided by the dp size — the single-process gradient when each
 rank's loss is a mean over its batch slice. ``dp_grad_mean=False`` shows
-the raw concatenation instead.
+the raw concatenation instead (the rule is ``placement.dp_grad_divisor``).
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
 from flex_model import collectives as C
-from flex_model.hook_function import HookFunction, Shard, ShardwiseEdit
-from flex_model.layout import ParallelLayout
-from flex_model.placement import Placement, _is_dtensor, infer_placement, to_local
+from flex_model.hook_function import HookFunction, ShardInfo, ShardwiseEdit
+from flex_model.layout import ParallelLayout, Stage
+from flex_model.placement import LocalValue, Placement, dp_grad_divisor, infer_placement, is_dtensor, to_local
 from flex_model.tree import replace_leaf, tensor_leaves
+
+Store = Literal["root", "all", "none"]
 
 
 @dataclass(frozen=True)
@@ -64,21 +67,76 @@ HOOK_KINDS: Dict[str, HookKind] = {k.name: k for k in [
 ]}
 
 
+# Where torch keeps a module's (or a tensor's) hooks, by handle id.
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+_UNSET = object()
+
+
+@dataclass(eq=False)
+class Registration:
+    """One registration of a ``HookFunction`` on one FlexModel (owned by the wrapper, not the hook).
+
+    ``target`` is the module or parameter the torch hook sits on and
+    ``handle`` its torch handle (both None while the target lives on another
+    pipeline stage); ``capacity`` the exchange slot size in bytes, the
+    largest piece this hook has sent so far (the same on every rank).
+    """
+
+    hook: HookFunction
+    kind: HookKind
+    target: Any = None
+    handle: Any = None
+    capacity: int = 0
+    _prior_full_backward: Any = _UNSET  # the target's ``_is_full_backward_hook`` before we registered
+
+    @property
+    def hook_type(self) -> str:
+        return self.kind.name
+
+    @property
+    def name(self) -> str:
+        return self.hook.module_name
+
+    def detach(self) -> None:
+        """Remove the torch hook and undo what registering it set on the target (idempotent)."""
+        if self.handle is not None:
+            self.handle.remove()
+            self._restore_flag(self.target)
+            self.handle = None
+
+    def strip_from(self, target: Any) -> None:
+        """Remove this hook from ``target``, a deep copy of the target it was registered on."""
+        if self.handle is not None:
+            for attr in _HOOK_DICTS:
+                hooks = getattr(target, attr, None)
+                if isinstance(hooks, dict):
+                    hooks.pop(self.handle.id, None)
+            self._restore_flag(target)
+
+    def _restore_flag(self, target: Any) -> None:
+        # torch marks a module with full backward hooks and never unmarks it; a later
+        # register_backward_hook by the user would then raise.
+        if self._prior_full_backward is not _UNSET and not target._backward_hooks:
+            target._is_full_backward_hook = self._prior_full_backward
+
+    def __repr__(self) -> str:
+        return f"Registration({self.hook!r}, {self.hook_type})"
+
+
 @dataclass
 class Runtime:
     """The state every hook of one FlexModel fires against."""
 
     layout: ParallelLayout
-    peers: Optional[C.StagePeers]  # None when this rank's stage is one rank
     output_dict: Dict[str, List[torch.Tensor]]
     save_ctx: SimpleNamespace
     modules: nn.ModuleDict
-    store: str = "root"  # "root" | "all" | "none"
+    store: Store = "root"
     offload_to_cpu: bool = True
     dp_grad_mean: bool = True
-    active: Optional[Set[HookFunction]] = None  # None: every hook fires
+    active: Optional[Set[Registration]] = None  # None: every hook fires
     outbox: List[Tuple[str, torch.Tensor]] = field(default_factory=list)  # pipeline captures for the owner
-    capacity: Dict[Tuple[str, str], int] = field(default_factory=dict)  # (name, hook type) -> exchange slot bytes
 
     def store_value(self, name: str, full: torch.Tensor, fresh: bool = False) -> None:
         """Keep ``full`` (a copy, unless ``fresh``: already a new tensor nobody else holds)."""
@@ -93,154 +151,189 @@ class Runtime:
             self.outbox.append((name, value))
 
 
-def attach(hook: HookFunction, rt: Runtime, target: Any, module: nn.Module, param_name: str = "") -> Any:
-    """Register ``hook`` on ``target`` (a module, or a parameter of ``module``); return the torch handle."""
-    kind = HOOK_KINDS[hook.hook_type]
+def attach(reg: Registration, rt: Runtime, target: Any, module: nn.Module, param_name: str = "") -> None:
+    """Put ``reg``'s hook on ``target`` (a module, or a parameter of ``module``); keep target and handle."""
+    kind = reg.kind
 
     def fire_here(mod: nn.Module, value: Any, args: Any) -> Any:
-        return fire(hook, rt, kind, mod, value, args, param_name)
+        return fire(reg, rt, mod, value, args, param_name)
 
+    reg.target = target
+    if kind.name == "full_backward":
+        reg._prior_full_backward = target._is_full_backward_hook
     if kind.adapt is None:
-        return kind.register(target, lambda grad: fire_here(module, grad, None))
-    return kind.register(target, kind.adapt(fire_here))
+        reg.handle = kind.register(target, lambda grad: fire_here(module, grad, None))
+    else:
+        reg.handle = kind.register(target, kind.adapt(fire_here))
 
 
-def fire(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Module, value: Any, args: Any,
-         param_name: str = "") -> Any:
-    """One firing of ``hook`` on ``value``; returns the repacked value, or None for unchanged."""
-    if rt.active is not None and hook not in rt.active:
+def fire(reg: Registration, rt: Runtime, module: nn.Module, value: Any, args: Any, param_name: str = "") -> Any:
+    """One firing of ``reg`` on ``value``; returns the repacked value, or None for unchanged."""
+    if rt.active is not None and reg not in rt.active:
         return None
+    hook, kind = reg.hook, reg.kind
     if kind.is_grad and not tensor_leaves(value):  # e.g. grad_input of a module called with keyword args
-        warnings.warn(f'hook "{hook.module_name}" ({hook.hook_type}) got no gradient tensors (its inputs were '
+        warnings.warn(f'hook "{hook.module_name}" ({kind.name}) got no gradient tensors (its inputs were '
                       "passed as keyword arguments or need no grad); nothing captured or edited", stacklevel=2)
         return None
     shardwise = isinstance(hook.editing_function, ShardwiseEdit)
+    stage = rt.layout.stage
     error, local, placement, rewrap = None, None, None, None
     try:
-        leaf = _pick_leaf(hook, value)
+        leaf = _pick_leaf(reg, value)
         local, dtensor_dim, rewrap = to_local(leaf)
-        placement = infer_placement(module=module, side=kind.side, local=local, layout=rt.layout,
-                                    expected_shape=hook.expected_shape, hook_name=hook.module_name,
-                                    dtensor_tp_dim=dtensor_dim, param_name=param_name,
-                                    from_dtensor=_is_dtensor(leaf), is_grad=kind.is_grad)
+        seen = LocalValue(hook.module_name, module, kind.side, local, is_grad=kind.is_grad, param_name=param_name,
+                          from_dtensor=is_dtensor(leaf), dtensor_tp_dim=dtensor_dim)
+        placement = infer_placement(seen, rt.layout, hook.expected_shape)
     except Exception as e:
         # Under data parallel ranks see different values: the exchange's headers raise it on every rank.
         # Without it every rank of the stage runs the same module on same-shaped values and fails alike.
-        if rt.peers is None or shardwise or rt.layout.dp == 1:
+        if stage is None or shardwise or rt.layout.dp == 1:
             raise
         error = e
     if shardwise:
-        new = _edit_shardwise(hook, rt, module, local, placement, args)
-    elif rt.peers is None:
-        new = _edit_here(hook, rt, module, local)
+        new = _edit_shardwise(reg, rt, module, local, placement, args)
+    elif stage is None:
+        new = _edit_here(reg, rt, module, local)
     else:
-        new = _edit_across(hook, rt, kind, module, local, placement, error)
+        new = _edit_across(reg, rt, stage, module, local, placement, error)
     if new is None:
         return None
     return replace_leaf(value, hook.unpack_idx, rewrap(new))
 
 
-def _pick_leaf(hook: HookFunction, value: Any) -> torch.Tensor:
-    leaves = tensor_leaves(value)
-    if not -len(leaves) <= hook.unpack_idx < len(leaves):
-        raise IndexError(f'unpack_idx {hook.unpack_idx} is out of range on hook "{hook.module_name}" '
-                         f"({hook.hook_type}): the hooked value has {len(leaves)} tensor(s) "
-                         f"{[tuple(t.shape) for t in leaves]}; pick an index below {len(leaves)}")
-    return leaves[hook.unpack_idx]
+def _pick_leaf(reg: Registration, value: Any) -> torch.Tensor:
+    leaves, idx = tensor_leaves(value), reg.hook.unpack_idx
+    if not -len(leaves) <= idx < len(leaves):
+        raise IndexError(f'unpack_idx {idx} is out of range on hook "{reg.name}" ({reg.hook_type}): the hooked '
+                         f"value has {len(leaves)} tensor(s) {[tuple(t.shape) for t in leaves]}; pick an index "
+                         f"below {len(leaves)}")
+    return leaves[idx]
 
 
-def _run_edit(hook: HookFunction, rt: Runtime, module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+def _run_edit(reg: Registration, rt: Runtime, module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """Call the user's editing function on the full tensor and validate its result."""
+    name = reg.name
     try:
-        y = hook.editing_function(module, x, rt.save_ctx, rt.modules)
+        y = reg.hook.editing_function(module, x, rt.save_ctx, rt.modules)
     except Exception as e:
-        e.add_note(f'raised in the editing function of hook "{hook.module_name}" ({hook.hook_type}) '
-                   f"on rank {rt.layout.rank}")
+        e.add_note(f'raised in the editing function of hook "{name}" ({reg.hook_type}) on rank {rt.layout.rank}')
         raise
     if y is None:
         return None
     if not isinstance(y, torch.Tensor):
-        raise TypeError(f'the editing function of hook "{hook.module_name}" returned {type(y).__name__}; '
+        raise TypeError(f'the editing function of hook "{name}" returned {type(y).__name__}; '
                         "return a tensor like its input, or None to leave the value unchanged")
     if y.shape != x.shape or y.dtype != x.dtype or y.device != x.device:
-        raise ValueError(f'the editing function of hook "{hook.module_name}" returned shape {tuple(y.shape)} '
+        raise ValueError(f'the editing function of hook "{name}" returned shape {tuple(y.shape)} '
                          f"{y.dtype} on {y.device}, but its input is shape {tuple(x.shape)} {x.dtype} on "
                          f"{x.device}; return a tensor of the input's shape, dtype and device")
     return y
 
 
-def _edit_here(hook: HookFunction, rt: Runtime, module: nn.Module, local: torch.Tensor) -> Optional[torch.Tensor]:
+def _edit_here(reg: Registration, rt: Runtime, module: nn.Module, local: torch.Tensor) -> Optional[torch.Tensor]:
     """The whole value is on this rank: store it, edit it in the autograd graph."""
     if rt.store != "none":
-        rt.store_value(hook.module_name, local)
-    if hook.editing_function is None:
+        rt.store_value(reg.name, local)
+    if reg.hook.editing_function is None:
         return None
-    return _run_edit(hook, rt, module, local)
+    return _run_edit(reg, rt, module, local)
 
 
-def _edit_shardwise(hook: HookFunction, rt: Runtime, module: nn.Module, local: torch.Tensor,
+def _edit_shardwise(reg: Registration, rt: Runtime, module: nn.Module, local: torch.Tensor,
                     placement: Placement, args: Any) -> Optional[torch.Tensor]:
-    shard = Shard(tp_dim=placement.tp_dim, tp_rank=rt.layout.my["tp"], tp_size=rt.layout.tp,
-                  dp_dim=placement.dp_dim, module_args=args)
-    y = hook.editing_function.edit_shard(module, local, shard, rt.modules)
+    shard = ShardInfo(tp_dim=placement.tp_dim, tp_rank=rt.layout.my["tp"], tp_size=rt.layout.tp,
+                      dp_dim=placement.dp_dim, module_args=args)
+    y = reg.hook.editing_function.edit_shard(module, local, shard, rt.modules)
     if y is not None and (y.shape != local.shape or y.dtype != local.dtype):
-        raise ValueError(f'the shardwise edit of hook "{hook.module_name}" returned shape {tuple(y.shape)} '
+        raise ValueError(f'the shardwise edit of hook "{reg.name}" returned shape {tuple(y.shape)} '
                          f"{y.dtype} for a shard of shape {tuple(local.shape)} {local.dtype}")
     return y
 
 
-def _comm_device(peers: C.StagePeers) -> torch.device:
-    """Where a header goes when this rank has no value to take the device from (NCCL: CUDA only)."""
-    if torch.distributed.get_backend(peers.group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _edit_across(hook: HookFunction, rt: Runtime, kind: HookKind, module: nn.Module, local: Optional[torch.Tensor],
+# -- a firing across a stage: decide → exchange → store → edit on root → verdict → scatter ----------------
+def _edit_across(reg: Registration, rt: Runtime, stage: Stage, module: nn.Module, local: Optional[torch.Tensor],
                  placement: Optional[Placement], error: Optional[BaseException]) -> Optional[torch.Tensor]:
     """The value is split over the stage: gather to the root, edit there once, scatter back."""
-    peers, name = rt.peers, hook.module_name
-    device = local.device if local is not None else _comm_device(peers)
-    needed = hook.editing_function is not None or rt.store != "none"
-    if rt.layout.dp == 1 and hook.editing_function is None and (rt.store == "none" or (
-            rt.store == "root" and placement.tp_dim is None)):
-        return _edit_here(hook, rt, module, local) if peers.is_root else None  # nothing to move: no collective
-    key = (name, hook.hook_type)
-    shapes, full, rt.capacity[key] = C.exchange(peers, local, placement, error, device, name, send=needed,
-                                                everyone=rt.store == "all", capacity=rt.capacity.get(key, 0))
-    if not needed:
+    if _nothing_moves(reg, rt, placement):
+        return _edit_here(reg, rt, module, local) if stage.is_root else None
+    shapes, full = _exchange(reg, rt, stage, local, placement, error)
+    divisor = dp_grad_divisor(placement, stage.dp, rt.dp_grad_mean)
+    value_divisor = divisor if reg.kind.is_grad else 1  # a gathered gradient is shown as the framework's
+    if full is not None:
+        full = _store(reg, rt, stage, full, local, value_divisor)
+    if reg.hook.editing_function is None:
         return None
-    local_value = local.detach()
-    scale = peers.dp if kind.is_grad and placement.dp_dim is not None and rt.dp_grad_mean else 1
-    if full is not None and scale != 1:
-        full = full / scale
-    # A capture can skip its copy when the exchange made a new tensor that no edit will touch.
-    fresh = full is not None and full is not local_value and hook.editing_function is None
-    if full is not None and (rt.store == "all" or (rt.store == "root" and peers.is_root)):
-        rt.store_value(name, full, fresh=fresh)
-    if hook.editing_function is None:
-        return None
-
-    track = torch.is_grad_enabled() and not kind.is_grad
-    leaf = edited = None
-    if peers.is_root:
-        try:
-            with torch.set_grad_enabled(track):
-                leaf = full.detach().requires_grad_(track)
-                edited = _run_edit(hook, rt, module, leaf)
-        except Exception as e:
-            C.broadcast_status(peers, C.FAILED, e, device, name)
-        status = C.UNCHANGED if edited is None else C.OK
-        status, flag = C.broadcast_status(peers, status, None, device, name,
-                                          flag=int(edited is not None and edited.requires_grad))
-        if edited is not None and scale != 1:
-            edited = edited * scale
-    else:
-        status, flag = C.broadcast_status(peers, C.OK, None, device, name)
+    leaf, edited = _edit_on_root(reg, rt, stage, module, full, local.device)
+    status, tracked = _verdict(stage, edited, local.device, reg.name)
     if status == C.UNCHANGED:
         return None
-    if flag:
-        dp_mean = peers.dp if placement.dp_dim is not None and rt.dp_grad_mean else 1  # trainable modules' grads
-        job = C.EditedOnRoot(peers, placement, shapes, leaf, edited, grad_scale=dp_mean)
+    if edited is not None and value_divisor != 1:
+        edited = edited * value_divisor  # back to the gradient the ranks hold
+    return _scatter(stage, local, placement, shapes, leaf, edited, tracked, divisor)
+
+
+def _nothing_moves(reg: Registration, rt: Runtime, placement: Placement) -> bool:
+    """Without dp, a capture the root already holds whole (or one nobody keeps) needs no collective."""
+    return rt.layout.dp == 1 and reg.hook.editing_function is None and (
+        rt.store == "none" or (rt.store == "root" and placement.tp_dim is None))
+
+
+def _exchange(reg: Registration, rt: Runtime, stage: Stage, local: Optional[torch.Tensor],
+              placement: Optional[Placement], error: Optional[BaseException],
+              ) -> Tuple[List[Tuple[int, ...]], Optional[torch.Tensor]]:
+    """Every rank's header to all, the pieces to the root (to all for ``store="all"``) when anything keeps
+    or edits them; raises on every rank if any rank failed before it. ``(shapes, full or None)``."""
+    needed = reg.hook.editing_function is not None or rt.store != "none"
+    device = local.device if local is not None else C.comm_device(stage.group)
+    shapes, full, reg.capacity = C.exchange(stage, local, placement, error, device, reg.name, send=needed,
+                                            everyone=rt.store == "all", capacity=reg.capacity)
+    return shapes, (full if needed else None)
+
+
+def _store(reg: Registration, rt: Runtime, stage: Stage, full: torch.Tensor, local: torch.Tensor,
+           divisor: int) -> torch.Tensor:
+    """Keep the full value (before the edit) where ``store`` says; return it as the edit sees it."""
+    if divisor != 1:
+        full = full / divisor
+    # A capture can skip its copy when the exchange made a new tensor that no edit will touch.
+    fresh = full is not local and reg.hook.editing_function is None
+    if rt.store == "all" or (rt.store == "root" and stage.is_root):
+        rt.store_value(reg.name, full, fresh=fresh)
+    return full
+
+
+def _edit_on_root(reg: Registration, rt: Runtime, stage: Stage, module: nn.Module, full: Optional[torch.Tensor],
+                  device: torch.device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(leaf, edit(leaf))`` on the root — in a graph of its own when the forward tracks gradients —
+    and ``(None, None)`` elsewhere. A failure is broadcast to the stage, so every rank raises."""
+    if not stage.is_root:
+        return None, None
+    track = torch.is_grad_enabled() and not reg.kind.is_grad
+    try:
+        with torch.set_grad_enabled(track):
+            leaf = full.detach().requires_grad_(track)
+            return leaf, _run_edit(reg, rt, module, leaf)
+    except Exception as e:
+        C.broadcast_status(stage, C.FAILED, e, device, reg.name)  # re-raises e here, HookFailure elsewhere
+        raise
+
+
+def _verdict(stage: Stage, edited: Optional[torch.Tensor], device: torch.device, name: str) -> Tuple[int, bool]:
+    """The root's ``(status, tracked)`` on every rank: ``C.OK`` or ``C.UNCHANGED``, and whether the
+    edited tensor carries a graph (so the scatter must be differentiable)."""
+    tracked = int(edited is not None and edited.requires_grad)
+    status, flag = C.broadcast_status(stage, C.UNCHANGED if edited is None else C.OK, None, device, name,
+                                      flag=tracked)
+    return status, bool(flag)
+
+
+def _scatter(stage: Stage, local: torch.Tensor, placement: Placement, shapes: List[Tuple[int, ...]],
+             leaf: Optional[torch.Tensor], edited: Optional[torch.Tensor], tracked: bool,
+             divisor: int) -> torch.Tensor:
+    """This rank's piece of the root's edited tensor; differentiable when the edit is tracked
+    (trainable modules in the edit get their gradients divided by ``divisor``, see ``dp_grad_divisor``)."""
+    if tracked:
+        job = C.EditedOnRoot(stage, placement, shapes, leaf, edited, grad_scale=divisor)
         return C.ScatterEdit.apply(local, torch.empty(0, requires_grad=True), job)
-    return C.scatter_from_root(peers, edited.detach() if edited is not None else None, placement, shapes, local)
+    return C.scatter_from_root(stage, edited.detach() if edited is not None else None, placement, shapes, local)

@@ -1,21 +1,24 @@
 """``HookFunction``: what a user registers — a module name, a shape hint and an edit.
 
-A HookFunction is plain data until a ``FlexModel`` registers it; the firing
-itself lives in ``flex_model.firing``. An editing function follows
-``EditingFunction``; a ``ShardwiseEdit`` instead runs on every rank on its
-own shard, with no communication (used for routing and ablation, which are
-elementwise).
+A HookFunction is plain user data: registering it (``FlexModel.register``)
+makes a record inside that wrapper, so one HookFunction may be registered on
+several wrappers, or as several hook types; the firing itself lives in
+``flex_model.firing``. An editing function follows ``EditingFunction``; a
+``ShardwiseEdit`` instead runs on every rank on its own shard, with no
+communication (used for routing and ablation, which are elementwise), and
+learns where its shard sits from a ``ShardInfo``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Optional, Protocol, Sequence, Tuple
+from typing import Any, Literal, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
 
 ExpectedShape = Optional[Sequence[Optional[int]]]
+HookType = Literal["forward", "forward_pre", "full_backward", "full_backward_pre", "tensor"]
 
 
 class EditingFunction(Protocol):
@@ -32,7 +35,7 @@ class EditingFunction(Protocol):
 
 
 @dataclass(frozen=True)
-class Shard:
+class ShardInfo:
     """Where a local shard sits in the full tensor, for a ``ShardwiseEdit``.
 
     ``tp_dim`` is split over ``tp_size`` ranks and this rank holds block
@@ -60,7 +63,7 @@ class ShardwiseEdit:
     ``output_dict`` or communicated; errors raise on the rank where they occur.
     """
 
-    def edit_shard(self, current_module: nn.Module, local: torch.Tensor, shard: Shard,
+    def edit_shard(self, current_module: nn.Module, local: torch.Tensor, shard: ShardInfo,
                    modules: nn.ModuleDict) -> Optional[torch.Tensor]:
         raise NotImplementedError
 
@@ -78,6 +81,10 @@ class HookFunction:
         if not isinstance(module_name, str) or not module_name:
             raise TypeError(f"module_name must be a non-empty dotted name, got {module_name!r}")
         if expected_shape is not None:
+            if callable(expected_shape) or isinstance(expected_shape, ShardwiseEdit):
+                raise TypeError(f"expected_shape (the second argument) got the callable {_label(expected_shape)}; "
+                                "pass an editing function by keyword: "
+                                f"HookFunction({module_name!r}, editing_function=...)")
             if isinstance(expected_shape, (str, bytes)) or not all(
                     d is None or (isinstance(d, int) and d > 0) for d in expected_shape):
                 raise TypeError(f"expected_shape must be a sequence of positive ints or None, got {expected_shape!r}")
@@ -91,11 +98,12 @@ class HookFunction:
         self.expected_shape = expected_shape
         self.editing_function = editing_function
         self.unpack_idx = unpack_idx
-        self.hook_type: Optional[str] = None  # set by FlexModel on registration
-        self._handle: Any = None  # the torch RemovableHandle while registered
 
     def __repr__(self) -> str:
-        edit = getattr(self.editing_function, "__name__", type(self.editing_function).__name__) \
-            if self.editing_function is not None else None
-        return (f"HookFunction({self.module_name!r}, type={self.hook_type}, expected_shape={self.expected_shape}, "
+        edit = _label(self.editing_function) if self.editing_function is not None else None
+        return (f"HookFunction({self.module_name!r}, expected_shape={self.expected_shape}, "
                 f"editing_function={edit}, unpack_idx={self.unpack_idx})")
+
+
+def _label(fn: Any) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)

@@ -58,7 +58,7 @@ class NameResolver:
         if param_owner is not None:
             raise ValueError(f'"{name}" names a parameter, not a module; use register_hook for a tensor '
                              f'hook on it, or name its module "{param_owner}"')
-        raise ValueError(self._unknown(name, "module", self.module_names()))
+        raise ValueError(unknown_name(f'no module named "{name}"', name, self.module_names()))
 
     def parameter(self, name: str) -> Tuple[str, nn.Module, nn.Parameter]:
         """``(canonical_name, owning_module, parameter)`` for a dotted parameter name."""
@@ -67,7 +67,7 @@ class NameResolver:
             if name in self.modules:
                 raise ValueError(f'"{name}" names a module, not a tensor; tensor hooks take a parameter '
                                  f'name such as "{self._example_param(name)}", module hooks take module names')
-            raise ValueError(self._unknown(name, "parameter", self.parameter_names()))
+            raise ValueError(unknown_name(f'no parameter named "{name}"', name, self.parameter_names()))
         module = self.modules[owner][1]
         return name, module, getattr(module, name.rsplit(".", 1)[-1])
 
@@ -90,8 +90,10 @@ class NameResolver:
         params = [p for p, _ in self.modules[module_name][1].named_parameters()]
         return _join(module_name, params[0]) if params else _join(module_name, "weight")
 
-    @staticmethod
-    def _unknown(name: str, kind: str, candidates: List[str]) -> str:
-        close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4)
-        hint = f"closest names: {close}" if close else f"some existing names: {candidates[:8]}"
-        return f'no {kind} named "{name}" in the wrapped model; {hint}'
+
+def unknown_name(problem: str, name: str, candidates: List[str]) -> str:
+    """``problem`` (e.g. ``no module named "x"``) and the existing names closest to ``name``."""
+    candidates = [c for c in candidates if c]  # the root's name "" helps nobody
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4)
+    hint = f"closest names: {close}" if close else f"some existing names: {candidates[:8]}"
+    return f"{problem} in the wrapped model; {hint}"

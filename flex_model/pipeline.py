@@ -3,7 +3,9 @@
 Each stage's root queues its captures during the forward; ``ship_to_owner``
 (a collective over the stage roots) moves them, in stage order, as raw bytes
 with a small header per tensor (name, dtype, shape), so fp32/fp16/bf16 all
-travel over gloo and NCCL alike.
+travel over gloo and NCCL alike. These point-to-point sends live here, not in
+``collectives``, because only shipping uses them; their tensors sit on
+``collectives.comm_device``.
 """
 from __future__ import annotations
 
@@ -12,19 +14,15 @@ from typing import Dict, List, Tuple
 import torch
 import torch.distributed as dist
 
+from flex_model.collectives import comm_device
+from flex_model.layout import ParallelLayout
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
           torch.int8, torch.uint8, torch.bool]
 
 
-def _device(group: dist.ProcessGroup) -> torch.device:
-    """NCCL moves only CUDA tensors; gloo moves CPU tensors."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _send_entries(entries: List[Tuple[str, torch.Tensor]], dst: int, group: dist.ProcessGroup) -> None:
-    dev = _device(group)
+    dev = comm_device(group)
     dist.send(torch.tensor([len(entries)], device=dev), dst=dst, group=group)
     for name, tensor in entries:
         name_bytes = torch.frombuffer(bytearray(name.encode()), dtype=torch.uint8)
@@ -36,7 +34,7 @@ def _send_entries(entries: List[Tuple[str, torch.Tensor]], dst: int, group: dist
 
 
 def _recv_entries(src: int, group: dist.ProcessGroup) -> List[Tuple[str, torch.Tensor]]:
-    dev = _device(group)
+    dev = comm_device(group)
     count = torch.zeros(1, dtype=torch.int64, device=dev)
     dist.recv(count, src=src, group=group)
     entries = []
@@ -58,13 +56,14 @@ def _recv_entries(src: int, group: dist.ProcessGroup) -> List[Tuple[str, torch.T
     return entries
 
 
-def ship_to_owner(group: dist.ProcessGroup, root_ranks: List[int], owner: int,
-                  outbox: List[Tuple[str, torch.Tensor]], output_dict: Dict[str, List[torch.Tensor]]) -> None:
-    me = dist.get_rank()
-    if me != owner:
+def ship_to_owner(layout: ParallelLayout, outbox: List[Tuple[str, torch.Tensor]],
+                  output_dict: Dict[str, List[torch.Tensor]]) -> None:
+    """Send this stage root's ``outbox`` to the owner, which appends every stage's entries in stage order."""
+    group, owner = layout.roots, layout.owner
+    if layout.rank != owner:
         _send_entries(outbox, owner, group)
         return
-    for src in root_ranks:
+    for src in layout.root_ranks:
         if src != owner:
             for name, tensor in _recv_entries(src, group):
                 output_dict.setdefault(name, []).append(tensor)

@@ -9,12 +9,14 @@ DTensor placements; fairscale / megatron-core ``ColumnParallelLinear``
 dim); DTensor-sharded ``nn.Linear`` weights (colwise / rowwise); the
 parameter partition dims of TP layers; and the layout's batch dim for data
 parallel activations. A user's ``expected_shape`` overrides the TP dim and is
-validated against the local shape.
+validated against the local shape. ``LocalValue`` is what the hook sees.
+The rule for gradients under data parallelism is here too, once:
+``gradient_placement`` and ``dp_grad_divisor``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -45,7 +47,48 @@ class Placement:
     dp_mean: bool = False
 
 
-def _is_dtensor(x: object) -> bool:
+Side = Literal["input", "output", "param"]
+
+
+@dataclass(frozen=True)
+class LocalValue:
+    """What one firing sees on this rank: the local tensor and where it comes from.
+
+    ``side``: the module's "input", "output" or a parameter ("param", named
+    ``param_name``); ``is_grad``: a gradient of that value. ``from_dtensor``:
+    the tensor is a DTensor's local shard, whose placement (``dtensor_tp_dim``,
+    None when replicated) wins over what the module says.
+    """
+
+    hook_name: str
+    module: nn.Module
+    side: Side
+    tensor: torch.Tensor
+    is_grad: bool = False
+    param_name: str = ""
+    from_dtensor: bool = False
+    dtensor_tp_dim: Optional[int] = None
+
+
+def gradient_placement(placement: Placement, dp: int) -> Placement:
+    """The placement of a gradient of a value placed as ``placement``: a value every dp rank holds
+    whole gets a part of its gradient from each rank, and the full gradient is their mean (DDP/FSDP)."""
+    if dp > 1 and placement.dp_dim is None:
+        return replace(placement, dp_mean=True)
+    return placement
+
+
+def dp_grad_divisor(placement: Placement, dp: int, grad_mean: bool) -> int:
+    """How much larger a gradient assembled from dp batch slices is than the framework's gradient.
+
+    Each rank's gradient comes from its own loss; concatenated over the batch
+    slices they are the gradient of the SUM of the dp ranks' losses. Under
+    the mean convention (DDP/FSDP: ``grad_mean``) the framework's gradient is
+    that of their mean: divide by dp. Else (or when not batch-split) 1."""
+    return dp if grad_mean and placement.dp_dim is not None else 1
+
+
+def is_dtensor(x: object) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(x, DTensor)
@@ -59,7 +102,7 @@ def module_tp_dims(module: nn.Module) -> dict:
     if name == "RowParallelLinear" and getattr(module, "input_is_parallel", False):
         return {"input": -1}
     weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear) and _is_dtensor(weight):
+    if isinstance(module, nn.Linear) and is_dtensor(weight):
         shard_dims = [p.dim for p in weight.placements if p.is_shard()]
         if shard_dims == [0]:
             return {"output": -1}  # colwise: local output holds a slice of out_features
@@ -85,7 +128,7 @@ def to_local(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[int], Callable[[to
 
     if isinstance(x, AsyncCollectiveTensor):
         x = wait_tensor(x)
-    if not _is_dtensor(x):
+    if not is_dtensor(x):
         return x, None, lambda y: y
     from torch.distributed.tensor import DTensor, Replicate
 
@@ -100,39 +143,39 @@ def to_local(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[int], Callable[[to
     return x.to_local(), tp_dim, rewrap
 
 
-def infer_placement(*, module: nn.Module, side: str, local: torch.Tensor, layout: ParallelLayout,
-                    expected_shape: Optional[Sequence[Optional[int]]], hook_name: str,
-                    dtensor_tp_dim: Optional[int] = None, param_name: str = "",
-                    from_dtensor: bool = False, is_grad: bool = False) -> Placement:
-    """The placement of ``local`` (a value on ``side`` "input"/"output"/"param" of ``module``).
+def infer_placement(value: LocalValue, layout: ParallelLayout,
+                    expected_shape: Optional[Sequence[Optional[int]]] = None) -> Placement:
+    """The placement of ``value.tensor`` over this rank's pipeline stage.
 
-    ``from_dtensor``: ``local`` came out of a DTensor, whose placement (``dtensor_tp_dim``, None when
-    replicated) wins over the module's: e.g. a colwise layer's output gradient may be Replicate.
-    Under data parallel a value is split on the batch dim unless ``expected_shape`` gives that dim
-    its local size (e.g. position embeddings, the same on every rank)."""
+    A DTensor's own placement wins over the module's: e.g. a colwise layer's
+    output gradient may be Replicate. Under data parallel a value is split on
+    the batch dim unless ``expected_shape`` gives that dim its local size
+    (e.g. position embeddings, the same on every rank)."""
+    local = value.tensor
     dp_dim = None
-    if layout.dp > 1 and side != "param":
+    if layout.dp > 1 and value.side != "param":
         if local.ndim <= layout.batch_dim % max(local.ndim, 1) or local.ndim == 0:
-            raise ValueError(f'hook "{hook_name}": a {local.ndim}-d value cannot be split on batch dim '
+            raise ValueError(f'hook "{value.hook_name}": a {local.ndim}-d value cannot be split on batch dim '
                              f"{layout.batch_dim} under data parallel; pick another leaf with unpack_idx")
         dp_dim = layout.batch_dim % local.ndim
     tp_dim = None
     if layout.tp > 1:
-        if from_dtensor or dtensor_tp_dim is not None:
-            tp_dim = dtensor_tp_dim
-        elif side == "param":
-            tp_dim = param_tp_dim(module, param_name, local)
+        if value.from_dtensor or value.dtensor_tp_dim is not None:
+            tp_dim = value.dtensor_tp_dim
+        elif value.side == "param":
+            tp_dim = param_tp_dim(value.module, value.param_name, local)
         else:
-            tp_dim = module_tp_dims(module).get(side)
+            tp_dim = module_tp_dims(value.module).get(value.side)
         if tp_dim is not None:
             tp_dim %= local.ndim
     if expected_shape is not None:
-        tp_dim = _check_expected(expected_shape, local, layout, tp_dim, dp_dim, hook_name)
+        tp_dim = _check_expected(expected_shape, local, layout, tp_dim, dp_dim, value.hook_name)
         if dp_dim is not None and expected_shape[dp_dim] == local.shape[dp_dim]:
             dp_dim = None  # full size = local size: the same value on every data parallel rank
-    # Gradients of a value that every dp rank holds whole are per-rank parts: their full value is the mean.
-    dp_mean = layout.dp > 1 and dp_dim is None and (side == "param" or is_grad)
-    return Placement(tp_dim=tp_dim, dp_dim=dp_dim, dp_mean=dp_mean)
+    placement = Placement(tp_dim=tp_dim, dp_dim=dp_dim)
+    if value.side == "param" or value.is_grad:
+        return gradient_placement(placement, layout.dp)
+    return placement
 
 
 def _check_expected(expected: Sequence[Optional[int]], local: torch.Tensor, layout: ParallelLayout,
@@ -153,8 +196,8 @@ def _check_expected(expected: Sequence[Optional[int]], local: torch.Tensor, layo
             continue
         if i == dp_dim and e > n:  # the full batch; dp slices may be uneven
             continue
-        raise ValueError(f"{msg}: dim {i} is {n} locally, so its full size is {n} (replicated) or "
-                         f"{n * layout.tp} (split over tp), not {e}")
+        sizes = f"{n} (replicated) or {n * layout.tp} (split over tp)" if layout.tp > 1 else f"{n}"
+        raise ValueError(f"{msg}: dim {i} is {n} locally, so its full size is {sizes}, not {e}")
     if split:
         return split[0]
     return tp_dim if tp_dim is not None and expected[tp_dim] is None else None

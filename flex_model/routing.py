@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flex_model.hook_function import Shard, ShardwiseEdit
+from flex_model.hook_function import ShardInfo, ShardwiseEdit
 
 Block = Tuple[int, int]
 
@@ -76,12 +76,12 @@ def blocks_mask(blocks: Sequence[Block], units: torch.Tensor) -> torch.Tensor:
     return sel
 
 
-def global_units(shard: Shard, local: torch.Tensor) -> torch.Tensor:
+def global_units(shard: ShardInfo, local: torch.Tensor) -> torch.Tensor:
     """Global indices of the last-dim units of ``local``."""
     return shard.global_index(local.ndim - 1, local.shape[-1]).to(local.device)
 
 
-def unit_count(shard: Shard, local: torch.Tensor) -> int:
+def unit_count(shard: ShardInfo, local: torch.Tensor) -> int:
     """Number of global (unsharded) units of the last dim of ``local``."""
     return local.shape[-1] * (shard.tp_size if shard.tp_dim == local.ndim - 1 else 1)
 
@@ -170,7 +170,7 @@ class RouteActivation(ShardwiseEdit):
     def __init__(self, router: Router, unit_offset: int = 0) -> None:
         self.router, self.unit_offset = router, unit_offset
 
-    def edit_shard(self, current_module: nn.Module, local: torch.Tensor, shard: Shard,
+    def edit_shard(self, current_module: nn.Module, local: torch.Tensor, shard: ShardInfo,
                    modules: nn.ModuleDict) -> torch.Tensor:
         units = global_units(shard, local) + self.unit_offset
         return scale_grad(local, self.router.weights(local, units))
@@ -202,7 +202,7 @@ class RouteParameters(ShardwiseEdit):
     def __init__(self, router: Router, unit_offset: int = 0) -> None:
         self.router, self.unit_offset = router, unit_offset
 
-    def edit_shard(self, current_module: nn.Module, local: torch.Tensor, shard: Shard,
+    def edit_shard(self, current_module: nn.Module, local: torch.Tensor, shard: ShardInfo,
                    modules: nn.ModuleDict) -> torch.Tensor:
         if not shard.module_args:
             raise ValueError("RouteParameters must be registered as a forward hook (it needs the layer's input)")
