@@ -9,7 +9,7 @@ gradient). gloo on CPU, real process groups (``_test/distributed.py``).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List
 
 import pytest
 import torch
@@ -17,119 +17,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.testing import assert_close
 
-from _test.distributed import multi_process, run_ranks
+from _test.distributed import (HookSpec, check_capture_dict, check_shard_grads, mix_hidden, mix_rows, multi_process,
+                               reference_hooks, register, run_ranks)
+from _test.models import (FAIRSCALE_DIMS, MLP, MLP_DIMS, NET_D as D, NET_H as H, NET_VOCAB as V, MegatronMlp, Net,
+                          fairscale_net)
 from flex_model import FlexModel, HookFunction
 
-V, D, H, B, T = 16, 8, 12, 4, 5
-Spec = List[Tuple[str, str, Optional[Callable[[torch.Tensor], torch.Tensor]]]]  # (name, hook type, edit)
-
-
-# -- the single-process reference: plain torch hooks -------------------------------------
-def reference_hooks(model: nn.Module, spec: Spec, captures: Dict[str, List[torch.Tensor]]) -> list:
-    """Register ``spec`` on ``model`` with torch's own hooks: capture (before the edit), then edit."""
-    def keep(name: str, value: torch.Tensor) -> None:
-        captures.setdefault(name, []).append(value.detach().clone())
-
-    handles = []
-    for name, kind, edit in spec:
-        def swap(value, name=name, edit=edit):  # first tensor of a tuple, or the tensor
-            first = value[0] if isinstance(value, tuple) else value
-            keep(name, first)
-            if edit is None:
-                return None
-            new = edit(first)
-            return (new, *value[1:]) if isinstance(value, tuple) else new
-
-        if kind == "tensor":
-            handles.append(model.get_parameter(name).register_hook(swap))
-            continue
-        module = model.get_submodule(name)
-        if kind == "forward":
-            handles.append(module.register_forward_hook(lambda m, a, out, f=swap: f(out)))
-        elif kind == "forward_pre":
-            handles.append(module.register_forward_pre_hook(lambda m, a, f=swap: f(a)))
-        elif kind == "full_backward":
-            handles.append(module.register_full_backward_hook(lambda m, gi, go, f=swap: f(gi)))
-        else:
-            handles.append(module.register_full_backward_pre_hook(lambda m, go, f=swap: f(go)))
-    return handles
-
-
-def flex_hooks(flex: FlexModel, spec: Spec, expected: Optional[Dict[str, tuple]] = None) -> None:
-    """Register ``spec`` on a FlexModel (editing functions get the full tensor)."""
-    register = {"forward": flex.register_forward_hook, "forward_pre": flex.register_forward_pre_hook,
-                "full_backward": flex.register_full_backward_hook,
-                "full_backward_pre": flex.register_full_backward_pre_hook, "tensor": flex.register_hook}
-    for name, kind, edit in spec:
-        fn = None if edit is None else (lambda m, x, ctx, mods, edit=edit: edit(x))
-        register[kind](HookFunction(name, (expected or {}).get(name), fn))
-
-
-def shard(full: torch.Tensor, dim: Optional[int], rank: int, size: int) -> torch.Tensor:
-    return full if dim is None else full.chunk(size, dim)[rank]
-
-
-def check_captures(got: Dict[str, List[torch.Tensor]], want: Dict[str, List[torch.Tensor]], **tol) -> None:
-    assert sorted(got) == sorted(want), f"captured {sorted(got)}, reference {sorted(want)}"
-    for name in want:
-        assert len(got[name]) == len(want[name]), name
-        for g, w in zip(got[name], want[name]):
-            assert_close(g, w, msg=lambda m, name=name: f"capture {name}: {m}", **tol)
-
-
-def check_grads(par: nn.Module, ref: nn.Module, dims: Dict[str, Optional[int]], tp_rank: int, tp: int,
-                **tol) -> None:
-    names = [n for n, _ in par.named_parameters()]
-    assert sorted(names) == sorted(dims), names
-    for name, p in par.named_parameters():
-        want = shard(ref.get_parameter(name).grad, dims[name], tp_rank, tp)
-        assert p.grad is not None, f"no grad on {name}"
-        assert_close(p.grad, want, msg=lambda m, name=name: f"grad {name}: {m}", **tol)
+B, T = 4, 5  # batch, sequence
 
 
 # -- fairscale --------------------------------------------------------------------------------
-class Net(nn.Module):
-    """Two embeddings, an MLP: the reference for the fairscale and megatron models."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb, self.pemb = nn.Embedding(V, D), nn.Embedding(V, D)
-        self.up, self.act, self.down = nn.Linear(D, H), nn.GELU(), nn.Linear(H, D)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(self.emb(idx) + self.pemb(idx))))
-
-
-FAIRSCALE_DIMS = {"emb.weight": 0, "pemb.weight": 1, "up.weight": 0, "up.bias": 0, "down.weight": 1,
-                  "down.bias": None}
-
-
-def fairscale_net(ref: Net, tp_rank: int, tp: int) -> Net:
-    """``ref`` with fairscale's parallel layers holding this rank's slices of its weights."""
-    from fairscale.nn.model_parallel import layers as L
-
-    skip = lambda w: None  # noqa: E731  (the weights are copied below)
-    net = Net()
-    net.emb = L.VocabParallelEmbedding(V, D, init_method=skip)
-    net.pemb = L.ParallelEmbedding(V, D, init_method=skip)
-    net.up = L.ColumnParallelLinear(D, H, gather_output=False, init_method=skip)
-    net.down = L.RowParallelLinear(H, D, input_is_parallel=True, init_method=skip)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            p.copy_(shard(ref.get_parameter(name), FAIRSCALE_DIMS[name], tp_rank, tp))
-    return net
-
-
-def mix_hidden(a: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A non-elementwise edit: every hidden unit becomes a mix of all of them (the sharded dim)."""
-    return lambda x: x @ a
-
-
-def mix_rows(a: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A non-elementwise edit of a column-parallel weight's gradient: mixes its (split) rows."""
-    return lambda g: a @ g
-
-
 def _fairscale_body(rank: int, world_size: int, sizes: bool, store: str = "root") -> None:
     from fairscale.nn.model_parallel import initialize as fs
 
@@ -141,12 +38,13 @@ def _fairscale_body(rank: int, world_size: int, sizes: bool, store: str = "root"
     ref = Net()
     idx, w = torch.randint(0, V, (B, T)), torch.randn(B, T, D)
     a_fwd, a_bwd = torch.randn(H, H) / H ** 0.5, torch.randn(H, H) / H ** 0.5
-    spec: Spec = [("emb", "forward", None), ("pemb", "forward", None), ("up", "forward", mix_hidden(a_fwd)),
-                  ("act", "forward", None), ("down", "forward_pre", None),
-                  ("down", "full_backward", mix_hidden(a_bwd)), ("up", "full_backward_pre", None),
-                  ("up.weight", "tensor", mix_rows(a_bwd))]
+    # "act" is a plain GELU on a split value: only expected_shape says so.
+    specs = [HookSpec("forward", "emb"), HookSpec("forward", "pemb"), HookSpec("forward", "up", mix_hidden(a_fwd)),
+             HookSpec("forward", "act", expected_shape=(None, None, H)), HookSpec("forward_pre", "down"),
+             HookSpec("full_backward", "down", mix_hidden(a_bwd)), HookSpec("full_backward_pre", "up"),
+             HookSpec("tensor", "up.weight", mix_rows(a_bwd))]
     want: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(ref, spec, want)
+    handles = reference_hooks(ref, specs, want)
     ref_out = ref(idx)
     ((ref_out * w).sum() / B).backward()
     for h in handles:
@@ -159,8 +57,7 @@ def _fairscale_body(rank: int, world_size: int, sizes: bool, store: str = "root"
     else:
         flex = FlexModel(net, got, store=store)
     assert (flex.layout.tp, flex.layout.dp, flex.layout.pp) == (tp, dp, 1)
-    # "act" is a plain GELU on a split value: only expected_shape says so.
-    flex_hooks(flex, spec, expected={"act": (None, None, H)})
+    register(flex, specs)
     rows = slice(dp_rank * B // dp, (dp_rank + 1) * B // dp)
     out = flex(idx[rows])
     assert_close(out, ref_out[rows])
@@ -169,9 +66,9 @@ def _fairscale_body(rank: int, world_size: int, sizes: bool, store: str = "root"
     for p in net.parameters():  # what DDP would do
         dist.all_reduce(p.grad, group=fs.get_data_parallel_group())
         p.grad /= dp
-    check_grads(net, ref, FAIRSCALE_DIMS, tp_rank, tp)
+    check_shard_grads(net, ref, FAIRSCALE_DIMS, tp_rank, tp)
     if rank == 0 or store == "all":
-        check_captures(got, want)
+        check_capture_dict(got, want)
     else:
         assert got == {}, f"rank {rank} stored {sorted(got)}"
     for name in FAIRSCALE_DIMS:
@@ -211,42 +108,6 @@ def test_fairscale_tp2_dp2_layout_read_from_fairscale(rank, world_size):
 
 
 # -- megatron-core ----------------------------------------------------------------------------
-class Mlp(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up, self.act, self.down = nn.Linear(D, H), nn.GELU(), nn.Linear(H, D)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))
-
-
-class MegatronMlp(nn.Module):
-    """``Mlp`` with megatron-core's parallel linears, which return ``(output, bias)``."""
-
-    def __init__(self, ref: Mlp, tp_rank: int, tp: int) -> None:
-        super().__init__()
-        from megatron.core import ModelParallelConfig
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-        cfg = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True)
-        init = nn.init.normal_  # overwritten below; running it makes megatron tag partition dims
-        self.up = ColumnParallelLinear(D, H, config=cfg, init_method=init, bias=True, gather_output=False)
-        self.act = nn.GELU()
-        self.down = RowParallelLinear(H, D, config=cfg, init_method=init, bias=True, input_is_parallel=True,
-                                      skip_bias_add=False)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                p.copy_(shard(ref.get_parameter(name), MLP_DIMS[name], tp_rank, tp))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.up(x)
-        y, _ = self.down(self.act(h))
-        return y
-
-
-MLP_DIMS = {"up.weight": 0, "up.bias": 0, "down.weight": 1, "down.bias": None}
-
-
 def test_megatron_core_tp2():
     """megatron-core Column/RowParallelLinear at TP=2 (tuple outputs): every hook type, edits, grads."""
     # Imported here, before the ranks fork, so they share it (and a missing package is a skip).
@@ -263,14 +124,14 @@ def _megatron_body(rank: int, world_size: int) -> None:
     tp_rank = ps.get_tensor_model_parallel_rank()
     assert tp_rank == rank
     torch.manual_seed(1)
-    ref = Mlp()
+    ref = MLP(D, H)
     x, w = torch.randn(T, B, D), torch.randn(T, B, D)  # megatron's [seq, batch, hidden]
     a_fwd, a_bwd = torch.randn(H, H) / H ** 0.5, torch.randn(H, H) / H ** 0.5
-    spec: Spec = [("up", "forward", mix_hidden(a_fwd)), ("down", "forward_pre", None), ("down", "forward", None),
-                  ("down", "full_backward", mix_hidden(a_bwd)), ("up", "full_backward_pre", None),
-                  ("up.weight", "tensor", None), ("down.weight", "tensor", None)]
+    specs = [HookSpec("forward", "up", mix_hidden(a_fwd)), HookSpec("forward_pre", "down"), HookSpec("forward", "down"),
+             HookSpec("full_backward", "down", mix_hidden(a_bwd)), HookSpec("full_backward_pre", "up"),
+             HookSpec("tensor", "up.weight"), HookSpec("tensor", "down.weight")]
     want: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(ref, spec, want)
+    handles = reference_hooks(ref, specs, want)
     x_ref = x.clone().requires_grad_()
     ref_out = ref(x_ref)
     (ref_out * w).sum().backward()
@@ -281,16 +142,16 @@ def _megatron_body(rank: int, world_size: int) -> None:
     assert net.up.weight.partition_dim == 0 and net.down.weight.partition_dim == 1
     got: Dict[str, List[torch.Tensor]] = {}
     flex = FlexModel(net, got, tensor_parallel_size=2, parallel_order=MEGATRON_ORDER)
-    flex_hooks(flex, spec)
+    register(flex, specs)
     x_par = x.clone().requires_grad_()
     out = flex(x_par)
     assert_close(out, ref_out)
-    assert not torch.allclose(out, Mlp.forward(ref, x)), "the edit on up did not change the output"
+    assert not torch.allclose(out, MLP.forward(ref, x)), "the edit on up did not change the output"
     (out * w).sum().backward()
     assert_close(x_par.grad, x_ref.grad)
-    check_grads(net, ref, MLP_DIMS, tp_rank, 2)
+    check_shard_grads(net, ref, MLP_DIMS, tp_rank, 2)
     if rank == 0:
-        check_captures(got, want)
+        check_capture_dict(got, want)
     for name in MLP_DIMS:
         assert_close(flex.get_module_parameter(name), ref.get_parameter(name),
                      msg=lambda m, name=name: f"{name}: {m}")
@@ -299,7 +160,7 @@ def _megatron_body(rank: int, world_size: int) -> None:
 
 
 # -- DTensor (torch.distributed.tensor.parallel) --------------------------------------------
-def _dtensor_run(order: str, ref: nn.Module, net: nn.Module, plan: dict, spec: Spec, x: torch.Tensor,
+def _dtensor_run(order: str, ref: nn.Module, net: nn.Module, plan: dict, specs: List[HookSpec], x: torch.Tensor,
                  w: torch.Tensor, unedited: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Reference run of ``ref``; then ``net`` (same weights) parallelized by ``plan`` at TP=2 and hooked.
 
@@ -316,7 +177,7 @@ def _dtensor_run(order: str, ref: nn.Module, net: nn.Module, plan: dict, spec: S
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     want: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(ref, spec, want)
+    handles = reference_hooks(ref, specs, want)
     x_ref = x.clone().requires_grad_(x.is_floating_point())
     ref_out = ref(x_ref)
     (ref_out * w).sum().backward()
@@ -326,19 +187,19 @@ def _dtensor_run(order: str, ref: nn.Module, net: nn.Module, plan: dict, spec: S
     net.load_state_dict(ref.state_dict())
     got: Dict[str, List[torch.Tensor]] = {}
     seen: List[str] = []  # what torch hands the first forward hook: it depends on the order
-    first = net.get_submodule(spec[0][0])
-    module_spec, param_spec = [s for s in spec if s[1] != "tensor"], [s for s in spec if s[1] == "tensor"]
+    first = net.get_submodule(specs[0].name)
+    module_specs, param_specs = [s for s in specs if s.kind != "tensor"], [s for s in specs if s.kind == "tensor"]
     if order == "before":
         flex = FlexModel(net, got, device_mesh=mesh)
-        flex_hooks(flex, module_spec)
+        register(flex, module_specs)
         first.register_forward_hook(lambda m, a, o: seen.append(type(o).__name__))
         parallelize_module(net, mesh, plan)
     else:
         parallelize_module(net, mesh, plan)
         flex = FlexModel(net, got)
-        flex_hooks(flex, module_spec)
+        register(flex, module_specs)
         first.register_forward_hook(lambda m, a, o: seen.append(type(o).__name__))
-    flex_hooks(flex, param_spec)
+    register(flex, param_specs)
     assert (flex.layout.tp, flex.layout.dp) == (2, 1)
     x_par = x.clone().requires_grad_(x.is_floating_point())
     with implicit_replication():  # lets plain tensors meet DTensors in unsharded code
@@ -355,7 +216,7 @@ def _dtensor_run(order: str, ref: nn.Module, net: nn.Module, plan: dict, spec: S
         grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         assert_close(grad, ref.get_parameter(name).grad, msg=lambda m, name=name: f"grad {name}: {m}")
     if rank == 0:
-        check_captures(got, want)
+        check_capture_dict(got, want)
     for name, _ in net.named_parameters():
         assert_close(flex.get_module_parameter(name), ref.get_parameter(name),
                      msg=lambda m, name=name: f"{name}: {m}")
@@ -367,24 +228,24 @@ def _dtensor_mlp_body(rank: int, world_size: int, order: str) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(2)
-    ref = Mlp()
+    ref = MLP(D, H)
     x, w = torch.randn(B, T, D), torch.randn(B, T, D)
     a_fwd, a_bwd = torch.randn(H, H) / H ** 0.5, torch.randn(H, H) / H ** 0.5
-    spec: Spec = [("up", "forward", mix_hidden(a_fwd)), ("down", "forward_pre", None), ("down", "forward", None),
-                  ("down", "full_backward", mix_hidden(a_bwd)), ("up", "full_backward_pre", None),
-                  ("up.weight", "tensor", mix_rows(a_bwd)), ("down.weight", "tensor", None)]
+    specs = [HookSpec("forward", "up", mix_hidden(a_fwd)), HookSpec("forward_pre", "down"), HookSpec("forward", "down"),
+             HookSpec("full_backward", "down", mix_hidden(a_bwd)), HookSpec("full_backward_pre", "up"),
+             HookSpec("tensor", "up.weight", mix_rows(a_bwd)), HookSpec("tensor", "down.weight")]
     plan = {"up": ColwiseParallel(), "down": RowwiseParallel()}
-    _dtensor_run(order, ref, Mlp(), plan, spec, x, w, lambda x: Mlp.forward(ref, x))
+    _dtensor_run(order, ref, MLP(D, H), plan, specs, x, w, lambda x: MLP.forward(ref, x))
 
 
-@multi_process(world_size=2)
-def test_dtensor_mlp_hooks_before_parallelize(rank, world_size):
-    _dtensor_mlp_body(rank, world_size, "before")
+# "before": module hooks registered, then parallelize_module; "after": the other way round.
+ORDERS = pytest.mark.parametrize("order", ["before", "after"], ids=["hooks_before_parallelize",
+                                                                    "hooks_after_parallelize"])
 
 
-@multi_process(world_size=2)
-def test_dtensor_mlp_hooks_after_parallelize(rank, world_size):
-    _dtensor_mlp_body(rank, world_size, "after")
+@ORDERS
+def test_dtensor_mlp(order):
+    run_ranks(_dtensor_mlp_body, 2, order)
 
 
 def _dtensor_gpt_body(rank: int, world_size: int, order: str) -> None:
@@ -399,25 +260,20 @@ def _dtensor_gpt_body(rank: int, world_size: int, order: str) -> None:
     vocab, d = ref.wte.weight.shape
     idx, w = torch.randint(0, vocab, (2, 7)), torch.randn(2, 7, vocab)
     a = torch.randn(3 * d, 3 * d) / (3 * d) ** 0.5
-    spec: Spec = [("layers.0.attn.qkv", "forward", mix_hidden(a)), ("layers.0.attn.proj", "forward_pre", None),
-                  ("layers.1.attn", "forward", None), ("layers.1.attn.proj", "full_backward", None),
-                  ("layers.0.attn.qkv", "full_backward_pre", None), ("layers.0.attn.qkv.weight", "tensor", None),
-                  ("layers.1.attn.proj.weight", "tensor", None)]
+    specs = [HookSpec("forward", "layers.0.attn.qkv", mix_hidden(a)), HookSpec("forward_pre", "layers.0.attn.proj"),
+             HookSpec("forward", "layers.1.attn"), HookSpec("full_backward", "layers.1.attn.proj"),
+             HookSpec("full_backward_pre", "layers.0.attn.qkv"), HookSpec("tensor", "layers.0.attn.qkv.weight"),
+             HookSpec("tensor", "layers.1.attn.proj.weight")]
     plan = {}
     for i in range(2):
         plan[f"layers.{i}.attn.qkv"] = ColwiseParallel(use_local_output=False)
         plan[f"layers.{i}.attn.proj"] = RowwiseParallel()
-    _dtensor_run(order, ref, TinyGPT(), plan, spec, idx, w, lambda x: TinyGPT.forward(ref, x))
+    _dtensor_run(order, ref, TinyGPT(), plan, specs, idx, w, lambda x: TinyGPT.forward(ref, x))
 
 
-@multi_process(world_size=2)
-def test_dtensor_tiny_gpt_attention_hooks_before_parallelize(rank, world_size):
-    _dtensor_gpt_body(rank, world_size, "before")
-
-
-@multi_process(world_size=2)
-def test_dtensor_tiny_gpt_attention_hooks_after_parallelize(rank, world_size):
-    _dtensor_gpt_body(rank, world_size, "after")
+@ORDERS
+def test_dtensor_tiny_gpt_attention(order):
+    run_ranks(_dtensor_gpt_body, 2, order)
 
 
 @multi_process(world_size=4)
@@ -431,25 +287,25 @@ def test_dtensor_mlp_tp2_dp2_mesh(rank, world_size):
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     dp_rank = mesh.get_local_rank("dp")
     torch.manual_seed(4)
-    ref = Mlp()
+    ref = MLP(D, H)
     x, w = torch.randn(B, T, D), torch.randn(B, T, D)
     a = torch.randn(H, H) / H ** 0.5
-    spec: Spec = [("up", "forward", mix_hidden(a)), ("down", "forward_pre", None), ("down", "forward", None),
-                  ("down", "full_backward", None), ("up.weight", "tensor", mix_rows(a))]
+    specs = [HookSpec("forward", "up", mix_hidden(a)), HookSpec("forward_pre", "down"), HookSpec("forward", "down"),
+             HookSpec("full_backward", "down"), HookSpec("tensor", "up.weight", mix_rows(a))]
     want: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(ref, spec, want)
+    handles = reference_hooks(ref, specs, want)
     ref_out = ref(x)
     ((ref_out * w).sum() / B).backward()
     for h in handles:
         h.remove()
 
-    net = Mlp()
+    net = MLP(D, H)
     net.load_state_dict(ref.state_dict())
     parallelize_module(net, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
     got: Dict[str, List[torch.Tensor]] = {}
     flex = FlexModel(net, got, device_mesh=mesh)
     assert (flex.layout.dp, flex.layout.tp) == (2, 2)
-    flex_hooks(flex, spec)
+    register(flex, specs)
     rows = slice(dp_rank * B // 2, (dp_rank + 1) * B // 2)
     out = flex(x[rows])
     assert_close(out, ref_out[rows])
@@ -459,5 +315,5 @@ def test_dtensor_mlp_tp2_dp2_mesh(rank, world_size):
         dist.all_reduce(grad, group=mesh.get_group("dp"))  # what DDP / FSDP would do
         assert_close(grad / 2, ref.get_parameter(name).grad, msg=lambda m, name=name: f"grad {name}: {m}")
     if rank == 0:
-        check_captures(got, want)
+        check_capture_dict(got, want)
     flex.restore()

@@ -23,14 +23,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.testing import assert_close
 
-from _test.distributed import multi_process, run_ranks
-from _test.models import Block
-from _test.test_distributed_tp import (FAIRSCALE_DIMS, Net, Spec, check_captures, check_grads, fairscale_net,
-                                       flex_hooks, mix_hidden, reference_hooks, shard)
-from _test.test_distributed_tp import B as TB, D as TD, H as TH, T as TT, V as TV
+from _test.distributed import (HookSpec, check_capture_dict, check_shard_grads, mix_hidden, multi_process,
+                               reference_hooks, register, run_ranks)
+from _test.models import (FAIRSCALE_DIMS, MLP, MLP_DIMS, NET_D as TD, NET_H as TH, NET_VOCAB as TV, Block,
+                          MegatronMlp, Net, fairscale_net, shard)
 from flex_model import FlexModel, HookFunction, ParallelLayout
 
 V, D, NH, HID, B, T = 23, 16, 2, 32, 4, 6
+TB, TT = 4, 5  # batch and sequence of the 3-D runs (on the tensor-parallel models of _test/models.py)
 
 
 class Stage0(nn.Module):
@@ -51,17 +51,17 @@ class Stage1(nn.Module):
         return self.head(self.ln_f(self.block1(x)))
 
 
-def stage_specs(seed: int, dtype: torch.dtype) -> Tuple[Spec, Spec]:
+def stage_specs(seed: int, dtype: torch.dtype) -> Tuple[List[HookSpec], List[HookSpec]]:
     """Hooks of every type on both stages; non-elementwise edits on stage 1, forward and backward (the
     backward one changes the gradient stage 0 receives)."""
     g = torch.Generator().manual_seed(seed)
     a = (torch.randn(HID, HID, generator=g) / HID ** 0.5).to(dtype)
     a_grad = (torch.randn(D, D, generator=g) / D ** 0.5).to(dtype)
-    spec0: Spec = [("emb", "forward", None), ("block0.attn", "forward", None), ("block0.mlp.down", "forward_pre", None),
-                   ("block0.mlp", "full_backward_pre", None), ("emb.weight", "tensor", None)]
-    spec1: Spec = [("block1.mlp.up", "forward", mix_hidden(a)), ("block1.ln1", "forward", None),
-                   ("ln_f", "forward", None), ("block1.attn", "full_backward", mix_hidden(a_grad)),
-                   ("head.weight", "tensor", None)]
+    spec0 = [HookSpec("forward", "emb"), HookSpec("forward", "block0.attn"), HookSpec("forward_pre", "block0.mlp.down"),
+             HookSpec("full_backward_pre", "block0.mlp"), HookSpec("tensor", "emb.weight")]
+    spec1 = [HookSpec("forward", "block1.mlp.up", mix_hidden(a)), HookSpec("forward", "block1.ln1"),
+             HookSpec("forward", "ln_f"), HookSpec("full_backward", "block1.attn", mix_hidden(a_grad)),
+             HookSpec("tensor", "head.weight")]
     return spec0, spec1
 
 
@@ -69,7 +69,7 @@ def _pipeline_body(rank: int, world_size: int, dtype: torch.dtype) -> None:
     torch.set_num_threads(1)
     dp = world_size // 2
     layout = ParallelLayout.from_sizes(pp=2, dp=dp)  # fairscale order (dp, pp, tp)
-    pp_rank, dp_rank = layout.my["pp"], layout.my["dp"]
+    pp_rank = layout.my["pp"]
     dp_groups = [dist.new_group([layout.global_rank(d, p) for d in range(dp)]) for p in range(2)]
     torch.manual_seed(0)
     ref0, ref1 = Stage0().to(dtype), Stage1().to(dtype)
@@ -88,34 +88,17 @@ def _pipeline_body(rank: int, world_size: int, dtype: torch.dtype) -> None:
     got: Dict[str, List[torch.Tensor]] = {}
     flex = FlexModel(mine, got, pipeline_parallel_size=2, data_parallel_size=dp)
     assert flex.layout.my == layout.my
-    flex_hooks(flex, specs[0] + specs[1])  # every rank registers every hook: names resolve on their stage
-    rows = slice(dp_rank * B // dp, (dp_rank + 1) * B // dp)
-    other = layout.global_rank(dp_rank, 1 - pp_rank)
-    if pp_rank == 0:
-        h = flex(idx[rows])
-        dist.send(h.detach().contiguous(), dst=other)
-        grad = torch.empty_like(h)
-        dist.recv(grad, src=other)
-        h.backward(grad)
-    else:
-        h = torch.empty(B // dp, T, D, dtype=dtype)
-        dist.recv(h, src=other)
-        h.requires_grad_()
-        out = flex(h)
-        assert_close(out, ref_out[rows])
+    register(flex, specs[0] + specs[1])  # every rank registers every hook: names resolve on their stage
+    rows, out = _stage_step(flex, layout, idx, w, ref_out, dp_groups[pp_rank], D, dtype)
+    if out is not None:
         assert not torch.allclose(out, unedited[rows]), "the edit on stage 1 did not change the output"
-        ((out * w[rows]).sum() / (B // dp)).backward()
-        dist.send(h.grad.contiguous(), dst=other)
-    for p in mine.parameters():  # what DDP would do
-        dist.all_reduce(p.grad, group=dp_groups[pp_rank])
-        p.grad /= dp
     ref = (ref0, ref1)[pp_rank]
     for name, p in mine.named_parameters():
         assert_close(p.grad, ref.get_parameter(name).grad, msg=lambda m, name=name: f"grad {name}: {m}")
 
     flex.gather_pipeline_outputs()
     if rank == 0:
-        check_captures(got, want)
+        check_capture_dict(got, want)
         assert all(t.dtype == dtype for ts in got.values() for t in ts)
     else:
         assert got == {}, f"rank {rank} kept {sorted(got)}"
@@ -156,7 +139,7 @@ def _torch_pipelining_body(rank: int, world_size: int) -> None:
     mine.zero_grad(set_to_none=True)
     got: Dict[str, List[torch.Tensor]] = {}
     flex = FlexModel(mine, got, pipeline_parallel_size=2)
-    flex_hooks(flex, specs[0] + specs[1])
+    register(flex, specs[0] + specs[1])
     mb = B // 2
     # Static stage metadata (no shape inference run); requires_grad=True marks what gets gradients.
     example_in = idx[:mb] if rank == 0 else torch.zeros(mb, T, D, requires_grad=True)
@@ -224,13 +207,14 @@ def test_tp2_dp2_pp2_fairscale(sizes):
 
 
 def _stage_step(flex: FlexModel, layout: ParallelLayout, idx: torch.Tensor, w: torch.Tensor,
-                ref_out: torch.Tensor, dp_group) -> tuple:
-    """One step of a 2-stage pipeline on this rank's batch rows: stage 0 sends its activation to the same
-    tp rank of stage 1 and back-propagates the gradient it gets back; stage 1 checks its output against
-    one process and runs the loss backward. Gradients are then averaged over dp (what DDP would do).
-    Returns ``(rows, stage 1's output or None)``."""
-    me = layout.my
-    rows = slice(me["dp"] * TB // 2, (me["dp"] + 1) * TB // 2)
+                ref_out: torch.Tensor, dp_group, width: int, dtype: torch.dtype = torch.float32) -> tuple:
+    """One step of a 2-stage pipeline on this rank's batch rows: stage 0 sends its activation (``width``
+    features, ``dtype``) to the same tp rank of stage 1 and back-propagates the gradient it gets back;
+    stage 1 checks its output against one process and runs the loss backward. Gradients are then averaged
+    over dp (what DDP would do). Returns ``(rows, stage 1's output or None)``."""
+    me, dp = layout.my, layout.dp
+    n = idx.shape[0] // dp
+    rows = slice(me["dp"] * n, (me["dp"] + 1) * n)
     other = layout.global_rank(me["dp"], 1 - me["pp"], me["tp"])
     out = None
     if me["pp"] == 0:
@@ -240,16 +224,16 @@ def _stage_step(flex: FlexModel, layout: ParallelLayout, idx: torch.Tensor, w: t
         dist.recv(grad, src=other)
         h.backward(grad)
     else:
-        h = torch.empty(TB // 2, TT, TD)
+        h = torch.empty(n, idx.shape[1], width, dtype=dtype)
         dist.recv(h, src=other)
         h.requires_grad_()
         out = flex(h)
         assert_close(out, ref_out[rows])
-        ((out * w[rows]).sum() / (TB // 2)).backward()
+        ((out * w[rows]).sum() / n).backward()
         dist.send(h.grad.contiguous(), dst=other)
     for p in flex.module.parameters():
         dist.all_reduce(p.grad, group=dp_group)
-        p.grad /= 2
+        p.grad /= dp
     return rows, out
 
 
@@ -265,10 +249,10 @@ def _tp_dp_pp_body(rank: int, world_size: int, sizes: bool) -> None:
     ref0, ref1 = Net(), Mlp2()
     idx, w = torch.randint(0, TV, (TB, TT)), torch.randn(TB, TT, TD)
     a = torch.randn(TH, TH) / TH ** 0.5
-    spec0: Spec = [("pemb", "forward", None), ("up", "forward", None), ("down", "forward_pre", None),
-                   ("down", "full_backward", None), ("up.weight", "tensor", None)]
-    spec1: Spec = [("up2", "forward", mix_hidden(a)), ("down2", "forward_pre", None),
-                   ("up2", "full_backward_pre", None), ("down2.weight", "tensor", None)]
+    spec0 = [HookSpec("forward", "pemb"), HookSpec("forward", "up"), HookSpec("forward_pre", "down"),
+             HookSpec("full_backward", "down"), HookSpec("tensor", "up.weight")]
+    spec1 = [HookSpec("forward", "up2", mix_hidden(a)), HookSpec("forward_pre", "down2"),
+             HookSpec("full_backward_pre", "up2"), HookSpec("tensor", "down2.weight")]
     want: Dict[str, List[torch.Tensor]] = {}
     handles = reference_hooks(ref0, spec0, want) + reference_hooks(ref1, spec1, want)
     ref_out = ref1(ref0(idx))
@@ -283,18 +267,18 @@ def _tp_dp_pp_body(rank: int, world_size: int, sizes: bool) -> None:
     else:
         flex = FlexModel(mine, got)
     assert flex.layout == layout, flex.layout
-    flex_hooks(flex, spec0 + spec1)
-    rows, out = _stage_step(flex, layout, idx, w, ref_out, fs.get_data_parallel_group())
+    register(flex, spec0 + spec1)
+    rows, out = _stage_step(flex, layout, idx, w, ref_out, fs.get_data_parallel_group(), TD)
     if out is not None:
         unedited = Mlp2.forward(ref1, Net.forward(ref0, idx))
         assert not torch.allclose(out, unedited[rows]), "the edit on stage 1 did not change the output"
     if me["pp"] == 0:
-        check_grads(mine, ref0, FAIRSCALE_DIMS, me["tp"], 2)
+        check_shard_grads(mine, ref0, FAIRSCALE_DIMS, me["tp"], 2)
     else:
-        check_grads(mine, ref1, MLP2_DIMS, me["tp"], 2)
+        check_shard_grads(mine, ref1, MLP2_DIMS, me["tp"], 2)
     flex.gather_pipeline_outputs()
     if rank == 0:
-        check_captures(got, want)
+        check_capture_dict(got, want)
     else:
         assert got == {}, f"rank {rank} kept {sorted(got)}"
     name = ("up.weight", "down2.weight")[me["pp"]]  # collective over the stage that holds it
@@ -329,7 +313,6 @@ def test_tp2_dp2_pp2_megatron_order():
 
 def _megatron_3d_body(rank: int, world_size: int) -> None:
     from megatron.core import parallel_state as ps
-    from _test.test_distributed_tp import MLP_DIMS, MegatronMlp, Mlp
     from flex_model import MEGATRON_ORDER
 
     torch.set_num_threads(1)
@@ -339,13 +322,12 @@ def _megatron_3d_body(rank: int, world_size: int) -> None:
     assert me == {"tp": ps.get_tensor_model_parallel_rank(), "dp": ps.get_data_parallel_rank(),
                   "pp": ps.get_pipeline_model_parallel_rank()}, me
     torch.manual_seed(5)
-    ref0, ref1 = MStage0(Mlp()), MStage1(Mlp())
+    ref0, ref1 = MStage0(MLP(TD, TH)), MStage1(MLP(TD, TH))
     idx, w = torch.randint(0, TV, (TB, TT)), torch.randn(TB, TT, TD)
     a = torch.randn(TH, TH) / TH ** 0.5
-    spec0: Spec = [("mlp0.up", "forward", None), ("mlp0.down", "forward_pre", None),
-                   ("mlp0.up.weight", "tensor", None)]
-    spec1: Spec = [("mlp1.up", "forward", mix_hidden(a)), ("mlp1.down", "full_backward", None),
-                   ("mlp1.down.weight", "tensor", None)]
+    spec0 = [HookSpec("forward", "mlp0.up"), HookSpec("forward_pre", "mlp0.down"), HookSpec("tensor", "mlp0.up.weight")]
+    spec1 = [HookSpec("forward", "mlp1.up", mix_hidden(a)), HookSpec("full_backward", "mlp1.down"),
+             HookSpec("tensor", "mlp1.down.weight")]
     want: Dict[str, List[torch.Tensor]] = {}
     handles = reference_hooks(ref0, spec0, want) + reference_hooks(ref1, spec1, want)
     ref_out = ref1(ref0(idx))
@@ -364,12 +346,12 @@ def _megatron_3d_body(rank: int, world_size: int) -> None:
     flex = FlexModel(mine, got, tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=2,
                      parallel_order=MEGATRON_ORDER)
     assert flex.layout == layout
-    flex_hooks(flex, spec0 + spec1)
-    _stage_step(flex, layout, idx, w, ref_out, ps.get_data_parallel_group())
-    check_grads(mine, ref, {k: v for k, v in dims.items() if k in dict(mine.named_parameters())}, me["tp"], 2)
+    register(flex, spec0 + spec1)
+    _stage_step(flex, layout, idx, w, ref_out, ps.get_data_parallel_group(), TD)
+    check_shard_grads(mine, ref, {k: v for k, v in dims.items() if k in dict(mine.named_parameters())}, me["tp"], 2)
     flex.gather_pipeline_outputs()
     if rank == 0:
-        check_captures(got, want)
+        check_capture_dict(got, want)
     else:
         assert got == {}, f"rank {rank} kept {sorted(got)}"
     flex.restore()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from _test.distributed import multi_process
-from _test.models import TinyGPT, lm_loss
+from _test.models import TinyGPT, fairscale_tp_gpt, lm_loss
 from flex_model import FlexModel, Router, RouteActivation, RouteParameters
 
 D_HIDDEN = 64
@@ -200,24 +200,6 @@ def test_routing_under_fsdp1(rank, world_size):
     _dp_body(rank, "fsdp")
 
 
-def _tp_model(model: TinyGPT, rank: int) -> TinyGPT:
-    """A copy of ``model`` whose MLPs are fairscale Column/RowParallelLinear holding this rank's slices."""
-    from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    tp = copy.deepcopy(model)
-    part = slice(rank * D_HIDDEN // 2, (rank + 1) * D_HIDDEN // 2)
-    for block, src in zip(tp.layers, model.layers):
-        up = ColumnParallelLinear(32, D_HIDDEN, gather_output=False)
-        down = RowParallelLinear(D_HIDDEN, 32, input_is_parallel=True)
-        with torch.no_grad():
-            up.weight.copy_(src.mlp.up.weight[part])
-            up.bias.copy_(src.mlp.up.bias[part])
-            down.weight.copy_(src.mlp.down.weight[:, part])
-            down.bias.copy_(src.mlp.down.bias)
-        block.mlp.up, block.mlp.down = up, down
-    return tp
-
-
 @multi_process(2)
 def test_routing_under_fairscale_tp(rank, world_size):
     torch.set_num_threads(1)
@@ -230,7 +212,7 @@ def test_routing_under_fairscale_tp(rank, world_size):
         model = make_model()
         idx, mask = make_batch(table, continuous)
         expected = ref_grads(model, idx, mask, TABLES[table], level)
-        tp = _tp_model(model, rank)
+        tp = fairscale_tp_gpt(model, rank)
         router = Router(D_HIDDEN, BLOCKS, TABLES[table])
         flex = FlexModel(tp, {})
         assert flex.layout.tp == 2
