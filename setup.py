@@ -1,4 +1,4 @@
-"""Packaging for flex_model. Runtime needs torch only; extras are read from requirements/."""
+"""Packaging for flex_model. Runtime needs torch, safetensors and tqdm; extras are read from requirements/."""
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -21,7 +21,7 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["flex_model", "flex_model.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # exception notes (PEP 678)
     install_requires=requirements("requirements.txt"),
     extras_require=extras,
 )

@@ -156,7 +156,8 @@ def submit(
         import submitit
     except ImportError as error:
         raise ImportError(
-            "flex_model.launch.submit needs submitit: `pip install submitit`"
+            "flex_model.launch.submit needs submitit, in the test extra: `pip install submitit` "
+            "(or `pip install -e \".[test]\"` from a checkout)"
         ) from error
 
     use_slurm = slurm_partition is not None or shutil.which("sbatch") is not None
