@@ -1,8 +1,11 @@
 """Runs each example's ``--smoke`` mode as a user would (``python examples/x.py --smoke``) and checks its output.
 
-quickstart and megatron_fairscale spawn their own 2 CPU ranks and check
-themselves against the same model on one process; induction_heads runs on one
-process. Here we check that each exits 0 and printed its checks.
+quickstart, megatron_fairscale and dump_activations spawn their own 2 CPU
+ranks and check themselves against the same model on one process;
+induction_heads runs on one process. Here we check that each exits 0, printed
+its checks and left nothing behind: each runs from the repository root (as a
+user would) with its own empty ``TMPDIR``, and afterwards that folder is empty
+again and the repository has no new untracked file.
 About 5-15 s each on 2 idle cores (induction_heads: 20 s of training + ~10 s).
 """
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,27 +21,47 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(name: str, *args: str, timeout: float = 120.0) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def _untracked() -> set:
+    """Untracked, not ignored files of the repository (empty set outside a git checkout)."""
+    try:
+        proc = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return set(filter(None, proc.stdout.split("\0"))) if proc.returncode == 0 else set()
+
+
+def run_example(name: str, *args: str, tmp_root: Path, timeout: float = 120.0) -> str:
+    tmpdir = tmp_root / "TMPDIR"
+    tmpdir.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmpdir))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # spawn ranks, do not join an outer job
+    before, start = _untracked(), time.time()
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{out[-4000:]}"
+    left = sorted(p.name for p in tmpdir.iterdir() if not p.name.startswith("torchinductor_"))
+    assert not left, f"{name} left {left} in its temp folder:\n{out[-2000:]}"
+    # untracked files that appeared while it ran (and were written then: not older than the run)
+    new = sorted(p for p in _untracked() - before if (ROOT / p).exists() and (ROOT / p).stat().st_mtime >= start - 1)
+    assert not new, f"{name} wrote {new} into the repository:\n{out[-2000:]}"
     return out
 
 
-def test_quickstart_smoke():
-    out = run_example("quickstart.py", "--smoke")
+def test_quickstart_smoke(tmp_path):
+    out = run_example("quickstart.py", "--smoke", tmp_root=tmp_path)
     assert "retrieved model.layers.0.mlp [firing 0]: shape (4, 8, 32)" in out, out
     assert "retrieved model.layers.1.self_attn.o_proj [firing 0]: shape (4, 8, 32)" in out, out
+    assert "retrieved model.layers.1.self_attn.o_proj [firing 2]: shape (4, 8, 32)" in out, out
     assert "edit changed the logits: True" in out, out
+    assert "every capture compared: model.layers.0.mlp 2, model.layers.1.self_attn.o_proj 3" in out, out
     assert "matches single process: True" in out, out
 
 
-def test_megatron_fairscale_smoke():
-    out = run_example("megatron_fairscale.py", "--smoke")
+def test_megatron_fairscale_smoke(tmp_path):
+    out = run_example("megatron_fairscale.py", "--smoke", tmp_root=tmp_path)
     assert "layout dp=1 pp=1 tp=2" in out, out
     assert "local w1 weight on each rank: (32, 32)" in out, out
     assert "retrieved layers.0.feed_forward.w1: full shape (2, 8, 64)" in out, out
@@ -48,11 +72,21 @@ def test_megatron_fairscale_smoke():
 
 def test_induction_heads_smoke(tmp_path):
     pytest.importorskip("matplotlib", reason="induction_heads.py saves PNGs with matplotlib (the examples extra)")
-    out = run_example("induction_heads.py", "--smoke", "--out", str(tmp_path))
+    pngs = tmp_path / "pngs"
+    out = run_example("induction_heads.py", "--smoke", "--out", str(pngs), tmp_root=tmp_path)
     assert "retrieved attention patterns: [(64, 4, 32, 32), (64, 4, 32, 32)], rows sum to 1: True" in out, out
     assert "induction score layer 1:" in out, out
     assert "second-half per-token loss, clean:" in out and "ablated:" in out, out
     assert out.count("copies the sequence at") == 3, out
     assert "hooks fired while sampling: 36 times per layer" in out, out
-    assert (tmp_path / "induction_scores.png").stat().st_size > 0
-    assert (tmp_path / "loss_by_position.png").stat().st_size > 0
+    assert f"wrote {pngs / 'induction_scores.png'} and {pngs / 'loss_by_position.png'}" in out, out
+    assert (pngs / "induction_scores.png").stat().st_size > 0
+    assert (pngs / "loss_by_position.png").stat().st_size > 0
+
+
+def test_dump_activations_default_temp_folder_is_removed(tmp_path):
+    """Without --out: rank 0 makes one temp folder, both ranks use it, it is gone at the end (~15 s).
+    (``_test/test_activations.py`` runs it with ``--out`` and reads the dump back.)"""
+    out = run_example("dump_activations.py", "--smoke", tmp_root=tmp_path)
+    assert "model.layers.0.mlp match a single process: True" in out, out
+    assert f"removed the temp folder {tmp_path / 'TMPDIR'}{os.sep}flex_acts_" in out, out
