@@ -1,0 +1,119 @@
+"""Placement inference as a value: which dim of a local value is split, on one process.
+
+``infer_placement`` reads a ``LocalValue`` (module, side, local tensor,
+DTensor info) against a layout. The layouts are pure values (a tp=2 or
+dp=2 job described, not started), so no collective runs: the module types
+are what is tested. Framework layers need their framework's state, so those
+cases run on one real rank (a process group of size 1, forked).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from _test.distributed import multi_process
+from flex_model.layout import ParallelLayout
+from flex_model.placement import (LocalValue, Placement, dp_grad_divisor, gradient_placement, infer_placement,
+                                  module_tp_dims, param_tp_dim)
+
+TP2 = ParallelLayout(tp=2, ranks=(0, 1))
+DP2 = ParallelLayout(dp=2, ranks=(0, 1))
+DP2_SEQ_FIRST = ParallelLayout(dp=2, ranks=(0, 1), batch_dim=1)
+X = torch.zeros(2, 5, 8)
+
+
+def seen(module, side="output", tensor=X, **kwargs):
+    return LocalValue("m", module, side, tensor, **kwargs)
+
+
+def test_plain_modules_are_replicated_over_tp_and_batch_split_over_dp():
+    assert infer_placement(seen(nn.Linear(8, 8)), TP2) == Placement()
+    assert infer_placement(seen(nn.Linear(8, 8)), DP2) == Placement(dp_dim=0)
+    assert infer_placement(seen(nn.Linear(8, 8)), DP2_SEQ_FIRST) == Placement(dp_dim=1)
+
+
+def test_gradients_of_values_every_dp_rank_holds_whole_are_means():
+    assert infer_placement(seen(nn.Linear(8, 8), "param", torch.zeros(8, 8), is_grad=True, param_name="weight"),
+                           DP2) == Placement(dp_mean=True)
+    # expected_shape gives the batch dim its local size: the same on every rank; its gradient is a mean
+    assert infer_placement(seen(nn.Linear(8, 8), is_grad=True), DP2, (2, 5, 8)) == Placement(dp_mean=True)
+    assert infer_placement(seen(nn.Linear(8, 8), is_grad=True), DP2) == Placement(dp_dim=0)
+
+
+def test_the_dp_gradient_rule():
+    split, whole = Placement(dp_dim=0), Placement()
+    assert dp_grad_divisor(split, 4, grad_mean=True) == 4
+    assert dp_grad_divisor(split, 4, grad_mean=False) == 1
+    assert dp_grad_divisor(whole, 4, grad_mean=True) == 1
+    assert gradient_placement(whole, 2) == Placement(dp_mean=True)
+    assert gradient_placement(whole, 1) == whole and gradient_placement(split, 2) == split
+
+
+def test_a_dtensor_placement_wins_over_the_module():
+    linear = nn.Linear(8, 8)
+    assert infer_placement(seen(linear, from_dtensor=True, dtensor_tp_dim=1), TP2) == Placement(tp_dim=1)
+    assert infer_placement(seen(linear, from_dtensor=True, dtensor_tp_dim=None), TP2) == Placement()
+
+
+def test_expected_shape_picks_the_split_dim_and_is_checked():
+    linear = nn.Linear(8, 8)
+    assert infer_placement(seen(linear), TP2, (2, 5, 16)) == Placement(tp_dim=2)
+    assert infer_placement(seen(linear), TP2, (None, 10, None)) == Placement(tp_dim=1)
+    with pytest.raises(ValueError, match=r"dim 2 is 8 locally, so its full size is 8 \(replicated\) or 16 \(split "
+                                         r"over tp\), not 24"):
+        infer_placement(seen(linear), TP2, (2, 5, 24))
+    with pytest.raises(ValueError, match=r"dim 2 is 8 locally, so its full size is 8, not 16"):
+        infer_placement(seen(linear), ParallelLayout.single(), (2, 5, 16))
+    with pytest.raises(ValueError, match="expected_shape has 2 dims, the value has 3"):
+        infer_placement(seen(linear), TP2, (2, 5))
+
+
+def test_a_value_without_a_batch_dim_under_dp_is_refused():
+    with pytest.raises(ValueError, match="a 0-d value cannot be split on batch dim 0 under data parallel"):
+        infer_placement(seen(nn.Linear(8, 8), tensor=torch.zeros(())), DP2)
+
+
+@multi_process(1)
+def test_every_framework_layer_type_maps_to_its_dims(rank, world_size):
+    """fairscale and megatron-core parallel layers and DTensor-sharded Linears, built for real on one rank:
+    the dims of their outputs, inputs and parameters over tp."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from fairscale.nn.model_parallel import layers as F
+    from megatron.core import ModelParallelConfig
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel as M
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    fs.initialize_model_parallel(1)
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    cfg = ModelParallelConfig(tensor_model_parallel_size=1, use_cpu_initialization=True)
+    init = nn.init.normal_
+    mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+    colwise = parallelize_module(nn.Sequential(nn.Linear(8, 8)), mesh, {"0": ColwiseParallel()})[0]
+    rowwise = parallelize_module(nn.Sequential(nn.Linear(8, 8)), mesh, {"0": RowwiseParallel()})[0]
+    cases = [  # module, its module dims, {parameter: dim}
+        (F.ColumnParallelLinear(8, 8, gather_output=False), {"output": -1}, {"weight": 0, "bias": 0}),
+        (F.ColumnParallelLinear(8, 8, gather_output=True), {}, {"weight": 0, "bias": 0}),
+        (F.RowParallelLinear(8, 8, input_is_parallel=True), {"input": -1}, {"weight": 1, "bias": None}),
+        (F.RowParallelLinear(8, 8, input_is_parallel=False), {}, {"weight": 1, "bias": None}),
+        (F.VocabParallelEmbedding(16, 8), {}, {"weight": 0}),
+        (F.ParallelEmbedding(16, 8), {}, {"weight": 1}),
+        (M.ColumnParallelLinear(8, 8, config=cfg, init_method=init, bias=True, gather_output=False),
+         {"output": -1}, {"weight": 0, "bias": 0}),
+        (M.RowParallelLinear(8, 8, config=cfg, init_method=init, bias=True, input_is_parallel=True,
+                             skip_bias_add=False), {"input": -1}, {"weight": 1}),
+        (colwise, {"output": -1}, {}),
+        (rowwise, {"input": -1}, {}),
+        (nn.Linear(8, 8), {}, {"weight": None, "bias": None}),
+    ]
+    for module, dims, params in cases:
+        assert module_tp_dims(module) == dims, (type(module).__name__, module_tp_dims(module))
+        for side in ("input", "output"):
+            want = Placement(tp_dim=dims[side] % 3) if side in dims else Placement()
+            assert infer_placement(seen(module, side), TP2) == want, (type(module).__name__, side)
+        for name, dim in params.items():
+            assert param_tp_dim(module, name, getattr(module, name)) == dim, (type(module).__name__, name)
+    ps.destroy_model_parallel()
+    fs.destroy_model_parallel()
