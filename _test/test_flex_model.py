@@ -199,7 +199,10 @@ HOOK_DICTS = ["_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_al
 def hook_state(model: nn.Module) -> dict:
     modules = {(n, d): dict(getattr(m, d)) for n, m in model.named_modules() for d in HOOK_DICTS}
     params = {n: dict(p._backward_hooks or {}) for n, p in model.named_parameters()}
-    return {"modules": modules, "params": params}
+    # every plain attribute too (e.g. torch's _is_full_backward_hook flag)
+    attrs = {n: {k: v for k, v in vars(m).items() if v is None or isinstance(v, (bool, int, float, str))}
+             for n, m in model.named_modules()}
+    return {"modules": modules, "params": params, "attrs": attrs}
 
 
 def test_restore_leaves_no_hooks_and_keeps_the_users_own():
@@ -226,10 +229,24 @@ def test_restore_leaves_no_hooks_and_keeps_the_users_own():
     assert all(torch.equal(state_after[k], v) for k, v in state_before.items())
     assert torch.equal(model(IDX), reference(IDX))
     assert len(user_calls) == n_user_calls + 2  # still runs, on the model and on its copy
+    model.layers[0].mlp.register_backward_hook(lambda m, gi, go: None)  # the user's own old-style hook: allowed
     with pytest.raises(RuntimeError, match="restored"):
         flex(IDX)
     with pytest.raises(RuntimeError, match="restored"):
         flex.register_forward_hook(HookFunction("layers.0.mlp"))
+
+
+def test_copy_without_hooks_is_the_model_as_it_was():
+    model = tiny()
+    model.layers[1].mlp.register_forward_hook(lambda m, a, out: None)  # the user's own: kept in the copy
+    before = hook_state(model)
+    flex = FlexModel(model, {})
+    for hook_type in ["forward", "forward_pre", "full_backward", "full_backward_pre", "tensor"]:
+        flex.create_hook_group(hook_type, "layers.0" if hook_type != "tensor" else "weight", hook_type=hook_type)
+    plain = flex.copy_without_hooks()
+    assert hook_state(plain) == before and hook_state(model) != before
+    assert torch.equal(plain(IDX), flex.restore()(IDX))
+    plain.layers[0].register_backward_hook(lambda m, gi, go: None)
 
 
 def test_removing_a_handle_twice_is_fine_and_stops_firing():
