@@ -3,7 +3,9 @@
 ``comm_device(group)`` is the one rule for where a tensor handed to a
 collective lives (NCCL: the current CUDA device; gloo: CPU). Small
 agreements over a group: ``any_rank`` (did any rank flag a problem?),
-``broadcast_int``, ``all_reduce_``. Pipeline shipping (``pipeline.py``) uses
+``broadcast_int``, ``all_reduce_``, ``union_of_names``, and ``agree`` (the
+end-of-pass check that turns a failure kept on one rank into an error on
+every rank). Pipeline shipping (``pipeline.py``) uses
 point-to-point sends on ``comm_device`` tensors.
 
 A hook firing's traffic runs over its pipeline ``Stage``'s dp × tp ranks,
@@ -86,6 +88,13 @@ def all_reduce_(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
     return tensor
 
 
+def union_of_names(names: Sequence[str], group: Optional[dist.ProcessGroup] = None) -> List[str]:
+    """The sorted union of every rank's ``names`` (one object all-gather), the same on every rank."""
+    everyone: List[Optional[List[str]]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, list(names), group=group)
+    return sorted({n for names_of_rank in everyone for n in names_of_rank})
+
+
 def is_source(stage: Stage, index: int, placement: Placement) -> bool:
     """Whether the rank at ``index`` of ``stage`` contributes a piece of a value so placed (a
     replicated dim is taken from its rank 0 only)."""
@@ -95,20 +104,120 @@ def is_source(stage: Stage, index: int, placement: Placement) -> bool:
 
 
 # -- headers and status ---------------------------------------------------------
-def _header(status: int, shape: Sequence[int], message: str, device: torch.device, nbytes: int = 0) -> torch.Tensor:
+FIXED_INTS = 8  # status, ndim, payload bytes, tp_dim + 1, dp_dim + 1, dp_mean, fingerprint (2 float64s)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What one rank says about its piece in a firing's exchange."""
+
+    status: int
+    shape: Tuple[int, ...] = ()
+    text: str = ""
+    nbytes: int = 0
+    placement: Tuple[int, int, int] = (0, 0, 0)  # tp_dim + 1, dp_dim + 1, dp_mean (0: None / False)
+    fingerprint: Tuple[float, float] = (0.0, 0.0)  # sum and sum of squares of a piece claimed replicated
+
+
+def _header(status: int, shape: Sequence[int], message: str, device: torch.device, nbytes: int = 0,
+            placement: Optional[Placement] = None, fingerprint: Tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
     text = message.encode("utf-8", "replace")[: MSG_INTS * 8].ljust(MSG_INTS * 8, b"\0")
     dims = list(shape)[:MAX_DIMS] + [0] * (MAX_DIMS - len(shape))
-    head = torch.tensor([status, len(shape), nbytes, *dims], dtype=torch.int64)
+    code = _placement_code(placement)
+    fp = torch.tensor(fingerprint, dtype=torch.float64).view(torch.int64).tolist()
+    head = torch.tensor([status, len(shape), nbytes, *code, *fp, *dims], dtype=torch.int64)
     body = torch.frombuffer(bytearray(text), dtype=torch.int64)
     return torch.cat([head, body]).to(device)
 
 
-def _parse(header: torch.Tensor) -> Tuple[int, Tuple[int, ...], str, int]:
-    """``(status, shape, error text, payload bytes)`` of a header."""
+def _parse(header: torch.Tensor) -> _Head:
     values = header.cpu()
     ndim = int(values[1])
-    text = values[3 + MAX_DIMS:].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace")
-    return int(values[0]), tuple(int(d) for d in values[3:3 + ndim]), text, int(values[2])
+    dims = values[FIXED_INTS:FIXED_INTS + MAX_DIMS]
+    text = values[FIXED_INTS + MAX_DIMS:].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace")
+    fp = values[6:8].clone().view(torch.float64).tolist()
+    return _Head(int(values[0]), tuple(int(d) for d in dims[:ndim]), text, int(values[2]),
+                 tuple(int(v) for v in values[3:6]), (fp[0], fp[1]))
+
+
+def _placement_code(placement: Optional[Placement]) -> Tuple[int, int, int]:
+    if placement is None:
+        return (0, 0, 0)
+    return (0 if placement.tp_dim is None else placement.tp_dim + 1,
+            0 if placement.dp_dim is None else placement.dp_dim + 1, int(placement.dp_mean))
+
+
+def _replicated_over(stage: Stage, placement: Placement) -> List[str]:
+    """The axes over which a piece so placed is claimed to be the same on every rank."""
+    axes = []
+    if stage.tp > 1 and placement.tp_dim is None:
+        axes.append("tp")
+    if stage.dp > 1 and placement.dp_dim is None and not placement.dp_mean:
+        axes.append("dp")
+    return axes
+
+
+def _fingerprint(local: torch.Tensor) -> Tuple[float, float]:
+    x = local.detach().double()
+    return float(x.sum()), float(x.square().sum())
+
+
+def _check_consistent(stage: Stage, heads: List[_Head], placement: Placement, hook_name: str) -> None:
+    """Raise, on every rank alike (each has every header), if the ranks disagree on the placement, or
+    if pieces claimed to be the same on several ranks differ: a wrong full tensor would follow."""
+    codes = {h.placement for h in heads}
+    if len(codes) > 1:
+        seen = {stage.ranks[i]: _describe_code(h.placement) for i, h in enumerate(heads)}
+        raise ValueError(f'hook "{hook_name}": the ranks disagree on how the value is split ({seen}); its '
+                         "local shapes are " + str({stage.ranks[i]: h.shape for i, h in enumerate(heads)}) +
+                         ". Pass expected_shape= with the FULL shape (the batch over all data-parallel ranks, "
+                         "split dims at their full size), the same on every rank")
+    axes = _replicated_over(stage, placement)
+    if not axes:
+        return
+    groups: dict = {}
+    for i, head in enumerate(heads):
+        dp_i, tp_i = stage.coords(i)
+        key = (None if "dp" in axes else dp_i, None if "tp" in axes else tp_i)
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        first = heads[members[0]]
+        for i in members[1:]:
+            if not _same(first, heads[i]):
+                a, b = stage.ranks[members[0]], stage.ranks[i]
+                axis = " and ".join(axes)
+                raise ValueError(
+                    f'hook "{hook_name}": the value {first.shape} was taken as the same on every {axis} rank '
+                    f"(replicated), but ranks {a} and {b} hold different values{_shapes(first, heads[i])}: it "
+                    f"is split over {axis}, which the model does not say. Pass expected_shape= with its FULL "
+                    "shape (e.g. the batch over all data-parallel ranks, a sequence split by sequence "
+                    "parallelism at its full length)")
+
+
+def _same(a: _Head, b: _Head) -> bool:
+    if a.shape != b.shape:
+        return False
+    (sa, qa), (sb, qb) = a.fingerprint, b.fingerprint
+    scale = max(qa, qb, 1e-30)
+    return abs(qa - qb) <= 1e-6 * scale and abs(sa - sb) <= 1e-6 * (scale * max(1, _numel(a.shape))) ** 0.5
+
+
+def _numel(shape: Tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _shapes(a: _Head, b: _Head) -> str:
+    return "" if a.shape == b.shape else f" (shapes {a.shape} and {b.shape})"
+
+
+def _describe_code(code: Tuple[int, int, int]) -> str:
+    tp, dp, mean = code
+    parts = [f"tp dim {tp - 1}" if tp else "tp: replicated", f"dp dim {dp - 1}" if dp else
+             ("dp: mean" if mean else "dp: replicated")]
+    return ", ".join(parts)
 
 
 def exchange(stage: Stage, local: Optional[torch.Tensor], placement: Optional[Placement],
@@ -135,7 +244,9 @@ def exchange(stage: Stage, local: Optional[torch.Tensor], placement: Optional[Pl
     payload = local.detach().contiguous().reshape(-1).view(torch.uint8) if sends else None
     nbytes = payload.numel() if sends else 0
     status = FAILED if error else (OK if nbytes <= capacity else NO_PAYLOAD)
-    header = _header(status, () if error else tuple(local.shape), _describe(error), device, nbytes)
+    fingerprint = _fingerprint(local) if error is None and _replicated_over(stage, placement) else (0.0, 0.0)
+    header = _header(status, () if error else tuple(local.shape), _describe(error), device, nbytes,
+                     placement if error is None else None, fingerprint)
     head = header.numel() * 8
 
     def all_to_all(head_bytes: int, cap: int, fill: bool) -> Tuple[torch.Tensor, List[int]]:
@@ -156,14 +267,15 @@ def exchange(stage: Stage, local: Optional[torch.Tensor], placement: Optional[Pl
 
     received, starts = all_to_all(head, capacity, status == OK)
     parsed = [_parse(received[i:i + head].view(torch.int64)) for i in starts]
-    failed = [(stage.ranks[i], text) for i, (st, _, text, _) in enumerate(parsed) if st == FAILED]
+    failed = [(stage.ranks[i], h.text) for i, h in enumerate(parsed) if h.status == FAILED]
     if error is not None:
         raise error
     if failed:
         raise HookFailure(f'hook "{hook_name}" failed on rank {failed[0][0]}: {failed[0][1]}')
-    shapes = [shape for _, shape, _, _ in parsed]
-    sizes = [size for _, _, _, size in parsed]
-    if any(st == NO_PAYLOAD for st, _, _, _ in parsed):  # a piece outgrew the chunks: resend at the new size
+    _check_consistent(stage, parsed, placement, hook_name)
+    shapes = [h.shape for h in parsed]
+    sizes = [h.nbytes for h in parsed]
+    if any(h.status == NO_PAYLOAD for h in parsed):  # a piece outgrew the chunks: resend at the new size
         capacity = -(-max(sizes) // 8) * 8
         received, starts = all_to_all(0, capacity, True)
         head = 0
@@ -180,12 +292,31 @@ def broadcast_status(stage: Stage, status: int, error: Optional[BaseException], 
     """The root's ``(status, flag)`` on every rank; a failure raises on every rank."""
     header = _header(status, (flag,), _describe(error), device)
     dist.broadcast(header, src=stage.ranks[0], group=stage.group)
-    status, (flag,), text, _ = _parse(header)
-    if status == FAILED:
+    head = _parse(header)
+    if head.status == FAILED:
         if error is not None:
             raise error
-        raise HookFailure(f'hook "{hook_name}" failed on rank {stage.ranks[0]}: {text}')
-    return status, flag
+        raise HookFailure(f'hook "{hook_name}" failed on rank {stage.ranks[0]}: {head.text}')
+    return head.status, head.shape[0]
+
+
+def agree(stage: Stage, failure: Optional[Tuple[str, BaseException]], when: str) -> None:
+    """The end-of-pass check: every rank of ``stage`` says whether a hook failed on it during the pass
+    (``failure`` = ``(hook name, exception)``, kept instead of raising mid-pass so that the model's own
+    collectives stayed paired); if any did, every rank raises — the failing rank its own exception, the
+    others a ``HookFailure`` naming the rank, the hook and the error. One all-gather of small headers."""
+    name, error = failure if failure is not None else ("", None)
+    device = comm_device(stage.group)
+    mine = _header(FAILED if error is not None else OK, (), f"{name}\0{_describe(error)}", device)
+    everyone = [torch.empty_like(mine) for _ in stage.ranks]
+    dist.all_gather(everyone, mine, group=stage.group)
+    if error is not None:
+        raise error
+    for rank, header in zip(stage.ranks, everyone):
+        head = _parse(header)
+        if head.status == FAILED:
+            hook, _, message = head.text.partition("\0")
+            raise HookFailure(f'hook "{hook}" failed on rank {rank} during the {when}: {message}')
 
 
 def _describe(error: Optional[BaseException]) -> str:

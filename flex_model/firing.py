@@ -98,6 +98,11 @@ class Registration:
     def name(self) -> str:
         return self.hook.module_name
 
+    def defers(self, rt: "Runtime") -> bool:
+        """Whether a failure of this hook on one rank is kept until the end of the pass (no exchange of
+        ours follows it): shardwise edits, and captures nobody keeps without data parallelism."""
+        return isinstance(self.hook.editing_function, ShardwiseEdit) or _nothing_moves(self, rt)
+
     def detach(self) -> None:
         """Remove the torch hook and undo what registering it set on the target (idempotent)."""
         if self.handle is not None:
@@ -126,7 +131,13 @@ class Registration:
 
 @dataclass
 class Runtime:
-    """The state every hook of one FlexModel fires against."""
+    """The state every hook of one FlexModel fires against.
+
+    ``failure``: the first hook failure of this pass that was kept instead of
+    raised (a rank-local failure where no collective of ours follows: raising
+    there would leave the peers in the model's own collectives); the
+    end-of-pass ``agree`` turns it into an error on every rank.
+    """
 
     layout: ParallelLayout
     output_dict: Dict[str, List[torch.Tensor]]
@@ -137,6 +148,21 @@ class Runtime:
     dp_grad_mean: bool = True
     active: Optional[Set[Registration]] = None  # None: every hook fires
     outbox: List[Tuple[str, torch.Tensor]] = field(default_factory=list)  # pipeline captures for the owner
+    failure: Optional[Tuple[str, BaseException]] = None
+    backward_check_queued: bool = False
+
+    def keep_failure(self, reg: Registration, error: BaseException) -> None:
+        """Keep ``error`` until the end of the pass (the first one wins); in a backward pass, make sure
+        the end-of-backward agreement runs."""
+        if self.failure is None:
+            error.add_note(f'raised in hook "{reg.name}" ({reg.hook_type}) on rank {self.layout.rank}; kept '
+                           "until the end of the pass so that every rank raises")
+            self.failure = (reg.name, error)
+
+    def agree(self, when: str) -> None:
+        """Every rank of the stage raises if a failure was kept on any (a collective over the stage)."""
+        failure, self.failure = self.failure, None
+        C.agree(self.layout.stage, failure, when)
 
     def store_value(self, name: str, full: torch.Tensor, fresh: bool = False) -> None:
         """Keep ``full`` (a copy, unless ``fresh``: already a new tensor nobody else holds)."""
@@ -168,7 +194,14 @@ def attach(reg: Registration, rt: Runtime, target: Any, module: nn.Module, param
 
 
 def fire(reg: Registration, rt: Runtime, module: nn.Module, value: Any, args: Any, param_name: str = "") -> Any:
-    """One firing of ``reg`` on ``value``; returns the repacked value, or None for unchanged."""
+    """One firing of ``reg`` on ``value``; returns the repacked value, or None for unchanged.
+
+    A failure on this rank never raises between collectives its peers enter:
+    before an exchange it travels in the exchange's header (every rank
+    raises there); where no exchange follows (shardwise edits, captures
+    nobody keeps) it is kept until the end of the pass (``Runtime.agree``)
+    and the value is left unchanged, so the model's own collectives stay
+    paired."""
     if rt.active is not None and reg not in rt.active:
         return None
     hook, kind = reg.hook, reg.kind
@@ -176,8 +209,9 @@ def fire(reg: Registration, rt: Runtime, module: nn.Module, value: Any, args: An
         warnings.warn(f'hook "{hook.module_name}" ({kind.name}) got no gradient tensors (its inputs were '
                       "passed as keyword arguments or need no grad); nothing captured or edited", stacklevel=2)
         return None
-    shardwise = isinstance(hook.editing_function, ShardwiseEdit)
     stage = rt.layout.stage
+    if stage is not None and kind.is_grad and reg.defers(rt) and not rt.backward_check_queued:
+        _queue_backward_check(rt)
     error, local, placement, rewrap = None, None, None, None
     try:
         leaf = _pick_leaf(reg, value)
@@ -185,21 +219,41 @@ def fire(reg: Registration, rt: Runtime, module: nn.Module, value: Any, args: An
         seen = LocalValue(hook.module_name, module, kind.side, local, is_grad=kind.is_grad, param_name=param_name,
                           from_dtensor=is_dtensor(leaf), dtensor_tp_dim=dtensor_dim)
         placement = infer_placement(seen, rt.layout, hook.expected_shape)
+        if isinstance(hook.editing_function, ShardwiseEdit):
+            new = _edit_shardwise(reg, rt, module, local, placement, args)
+        elif stage is None:
+            new = _edit_here(reg, rt, module, local)
+        else:
+            new = None
     except Exception as e:
-        # Under data parallel ranks see different values: the exchange's headers raise it on every rank.
-        # Without it every rank of the stage runs the same module on same-shaped values and fails alike.
-        if stage is None or shardwise or rt.layout.dp == 1:
+        if stage is None:
             raise
         error = e
-    if shardwise:
-        new = _edit_shardwise(reg, rt, module, local, placement, args)
-    elif stage is None:
-        new = _edit_here(reg, rt, module, local)
-    else:
-        new = _edit_across(reg, rt, stage, module, local, placement, error)
+    if stage is not None and not isinstance(hook.editing_function, ShardwiseEdit):
+        if _nothing_moves(reg, rt):
+            new = _edit_here(reg, rt, module, local) if stage.is_root and error is None else None
+        else:
+            new = _edit_across(reg, rt, stage, module, local, placement, error)
+            error = None  # it travelled in the exchange and was raised there
+    if error is not None:
+        rt.keep_failure(reg, error)
+        return None
     if new is None:
         return None
     return replace_leaf(value, hook.unpack_idx, rewrap(new))
+
+
+def _queue_backward_check(rt: Runtime) -> None:
+    """Run the agreement once at the end of this backward pass (every rank of the stage fires the same
+    gradient hooks, so every rank queues it)."""
+    from torch.autograd import Variable
+
+    def check() -> None:
+        rt.backward_check_queued = False
+        rt.agree("backward pass")
+
+    rt.backward_check_queued = True
+    Variable._execution_engine.queue_callback(check)
 
 
 def _pick_leaf(reg: Registration, value: Any) -> torch.Tensor:
@@ -255,8 +309,6 @@ def _edit_shardwise(reg: Registration, rt: Runtime, module: nn.Module, local: to
 def _edit_across(reg: Registration, rt: Runtime, stage: Stage, module: nn.Module, local: Optional[torch.Tensor],
                  placement: Optional[Placement], error: Optional[BaseException]) -> Optional[torch.Tensor]:
     """The value is split over the stage: gather to the root, edit there once, scatter back."""
-    if _nothing_moves(reg, rt, placement):
-        return _edit_here(reg, rt, module, local) if stage.is_root else None
     shapes, full = _exchange(reg, rt, stage, local, placement, error)
     divisor = dp_grad_divisor(placement, stage.dp, rt.dp_grad_mean)
     value_divisor = divisor if reg.kind.is_grad else 1  # a gathered gradient is shown as the framework's
@@ -273,10 +325,10 @@ def _edit_across(reg: Registration, rt: Runtime, stage: Stage, module: nn.Module
     return _scatter(stage, local, placement, shapes, leaf, edited, tracked, divisor)
 
 
-def _nothing_moves(reg: Registration, rt: Runtime, placement: Placement) -> bool:
-    """Without dp, a capture the root already holds whole (or one nobody keeps) needs no collective."""
-    return rt.layout.dp == 1 and reg.hook.editing_function is None and (
-        rt.store == "none" or (rt.store == "root" and placement.tp_dim is None))
+def _nothing_moves(reg: Registration, rt: Runtime) -> bool:
+    """Without dp, a capture nobody keeps needs no collective. Decided without the value's placement,
+    so every rank of the stage decides alike even when one failed to infer it."""
+    return rt.layout.dp == 1 and reg.hook.editing_function is None and rt.store == "none"
 
 
 def _exchange(reg: Registration, rt: Runtime, stage: Stage, local: Optional[torch.Tensor],
@@ -313,7 +365,12 @@ def _edit_on_root(reg: Registration, rt: Runtime, stage: Stage, module: nn.Modul
     try:
         with torch.set_grad_enabled(track):
             leaf = full.detach().requires_grad_(track)
-            return leaf, _run_edit(reg, rt, module, leaf)
+            x = leaf.clone() if track else leaf  # an edit may change its input in place, as on one process
+            version = x._version
+            edited = _run_edit(reg, rt, module, x)
+            if edited is None and x._version != version:
+                edited = x  # changed in place and returned None: on one process the module's value changed
+            return leaf, edited
     except Exception as e:
         C.broadcast_status(stage, C.FAILED, e, device, reg.name)  # re-raises e here, HookFailure elsewhere
         raise

@@ -107,6 +107,16 @@ class FlexModel(nn.Module):
         self._groups = HookGroups()  # members: Registration records, in registration order
         self._names = NameResolver(module)
         self._restored = False
+        # The end-of-forward agreement (see firing.fire): a hook on the root, so that it also runs when the
+        # wrapped module is called directly.
+        self._pass_end = module.register_forward_hook(self._end_of_forward) if self.layout.stage else None
+
+    def _end_of_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        active = self._runtime.active
+        if any(r.handle is not None and r.defers(self._runtime) and (active is None or r in active)
+               for r in self._groups.members()):  # the same on every rank of the stage
+            self._runtime.agree("forward pass")
+
 
     # -- registration ------------------------------------------------------------
     def register(self, hook_function: HookFunction, hook_type: HookType = "forward") -> HookHandle:
@@ -130,14 +140,15 @@ class FlexModel(nn.Module):
         """A tensor hook on the gradient of the parameter named ``hook_function.module_name``."""
         return self._register(hook_function, "tensor")
 
-    def _register(self, hook: HookFunction, hook_type: str) -> HookHandle:
+    def _register(self, hook: HookFunction, hook_type: str, *, somewhere: bool = False) -> HookHandle:
+        """``somewhere``: the name is known to exist on some pipeline stage (no collective to find out)."""
         self._check_alive()
         if not isinstance(hook, HookFunction):
             raise TypeError(f"expected a HookFunction, got {type(hook).__name__}")
         if any(r.hook is hook and r.hook_type == hook_type for r in self._groups.members()):
             raise ValueError(f"{hook!r} is already registered here as a {hook_type} hook; remove the first "
                              "registration's handle, or create a new HookFunction")
-        target = self._resolve(hook.module_name, hook_type)
+        target = self._resolve(hook.module_name, hook_type, somewhere)
         if hook_type == "tensor" and uses_fsdp(self.module):
             raise ValueError(_FSDP_TENSOR_HOOK.format(name=hook.module_name))
         reg = Registration(hook, HOOK_KINDS[hook_type])
@@ -150,15 +161,17 @@ class FlexModel(nn.Module):
         self._groups.add(reg)
         return HookHandle(self, reg)
 
-    def _resolve(self, name: str, hook_type: str) -> Any:
-        """The module (or parameter) a hook goes on; None if it lives on another pipeline stage."""
+    def _resolve(self, name: str, hook_type: str, somewhere: bool = False) -> Any:
+        """The module (or parameter) a hook goes on; None if it lives on another pipeline stage. Under
+        pipeline parallelism, whether it exists anywhere is one all-reduce over the wrapped group (every
+        rank registers the same hooks, so every rank runs it) unless ``somewhere`` already says so."""
         lookup = self._names.parameter if hook_type == "tensor" else self._names.module
         try:
             target, error = lookup(name), None
         except ValueError as e:
             target, error = None, e
-        if self.layout.pp == 1:
-            if error is not None:
+        if self.layout.pp == 1 or somewhere:
+            if error is not None and not somewhere:
                 raise error
             return target
         if not C.any_rank(target is not None, self.process_group):
@@ -215,12 +228,15 @@ class FlexModel(nn.Module):
         hook_type = _hook_type(hook_type)
         names = self._names.parameter_names() if hook_type == "tensor" else self._names.module_names()
         matches = [n for n in names if n and _matches(n, group_constructor, regex)]
+        if self.layout.pp > 1:  # the stages hold different modules: one collective for the union of matches
+            matches = C.union_of_names(matches, self.process_group)
         if not matches:
             how = "matches the regex" if regex else "contains"
+            where = " on any pipeline stage" if self.layout.pp > 1 else ""
             raise ValueError(unknown_name(f'no {"parameter" if hook_type == "tensor" else "module"} name {how} '
-                                          f'"{group_constructor}"', group_constructor, names))
+                                          f'"{group_constructor}"{where}', group_constructor, names))
         hooks = [HookFunction(n, expected_shape, editing_function, unpack_idx) for n in matches]
-        regs = [self._register(h, hook_type).registration for h in hooks]
+        regs = [self._register(h, hook_type, somewhere=True).registration for h in hooks]
         self._groups.tag(regs, group_name)
         return hooks
 
@@ -332,6 +348,8 @@ class FlexModel(nn.Module):
         for reg in self._groups.members():
             if reg.target is not None and id(reg.target) in memo:
                 reg.strip_from(memo[id(reg.target)])
+        if self._pass_end is not None:
+            model._forward_hooks.pop(self._pass_end.id, None)
         return model
 
     # -- leaving --------------------------------------------------------------------------
@@ -339,6 +357,8 @@ class FlexModel(nn.Module):
         """Remove every hook this wrapper added, release its process groups, return the module."""
         for reg in self._groups.members():
             self._remove(reg)
+        if self._pass_end is not None:
+            self._pass_end.remove()
         self.layout.release_groups()
         self._restored = True
         return self.module

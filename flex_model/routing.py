@@ -133,6 +133,10 @@ class Router:
         if m is None:
             raise ValueError("the router has no mask_ids for this pass; set router.mask_ids (shape [batch, seq]) "
                              "or run the pass inside `with router.masks(mask_ids):`")
+        if not isinstance(m, torch.Tensor) or m.is_complex():
+            kind = type(m).__name__ if not isinstance(m, torch.Tensor) else str(m.dtype)
+            raise TypeError(f"mask_ids must be a tensor of integer class ids or of floats in [0, 1], got {kind}; "
+                            "e.g. torch.ones(batch, seq, dtype=torch.long) to retain every token")
         if value.ndim < 3 or tuple(m.shape) != tuple(value.shape[:2]):
             raise ValueError(f"mask_ids has shape {tuple(m.shape)} but the hooked value has shape "
                              f"{tuple(value.shape)}; mask_ids must be [batch, seq] = {tuple(value.shape[:2])} "
