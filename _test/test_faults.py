@@ -219,3 +219,23 @@ def _capture(model: nn.Module, name: str, idx: torch.Tensor) -> torch.Tensor:
     model.get_submodule(name).register_forward_hook(lambda m, a, out: seen.append(out.detach()))
     model(idx)
     return seen[0]
+
+
+@multi_process(2, timeout=60)
+def test_hook_groups_under_pipeline_stages_run_the_same_collectives_everywhere(rank, world_size):
+    """Stage 0 holds layers 0-1, stage 1 layers 2-4 of one model: a pattern that matches on one stage only,
+    or a different number of modules per stage, registers on the stage that holds them, with no hang; a
+    pattern that matches nowhere is a ValueError on every rank."""
+    stage = nn.ModuleDict({f"block{i}": nn.Linear(4, 4) for i in ((0, 1) if rank == 0 else (2, 3, 4))})
+    flex = FlexModel(stage, {}, pipeline_parallel_size=2)
+    start = time.monotonic()
+    only_1 = flex.create_hook_group("late", "block3")  # on stage 1 only
+    all_of_them = flex.create_hook_group("all_blocks", "block")  # 2 modules on stage 0, 3 on stage 1
+    assert [h.module_name for h in only_1] == ["block3"]
+    assert [h.module_name for h in all_of_them] == [f"block{i}" for i in range(5)]
+    here = sorted(r.name for r in flex.registrations() if r.handle is not None)
+    assert here == (["block0", "block1"] if rank == 0 else ["block2", "block3", "block3", "block4"])
+    with pytest.raises(ValueError, match='no module name contains "block9" on any pipeline stage'):
+        flex.create_hook_group("none", "block9")
+    assert time.monotonic() - start < LIMIT_S
+    flex.restore()
