@@ -15,7 +15,7 @@ from torch import nn
 from _test.distributed import multi_process
 from flex_model.layout import ParallelLayout
 from flex_model.placement import (LocalValue, Placement, dp_grad_divisor, gradient_placement, infer_placement,
-                                  module_tp_dims, param_tp_dim)
+                                  param_tp_dim, to_local)
 
 TP2 = ParallelLayout(tp=2, ranks=(0, 1))
 DP2 = ParallelLayout(dp=2, ranks=(0, 1))
@@ -76,14 +76,16 @@ def test_a_value_without_a_batch_dim_under_dp_is_refused():
 
 @multi_process(1)
 def test_every_framework_layer_type_maps_to_its_dims(rank, world_size):
-    """fairscale and megatron-core parallel layers and DTensor-sharded Linears, built for real on one rank:
-    the dims of their outputs, inputs and parameters over tp."""
+    """fairscale and megatron-core parallel layers and DTensor-sharded Linears, built for real on one rank
+    (so their sizes are the full sizes): a local value of the full width is whole, one of half the width
+    split on the last dim (read against a tp=2 layout), any other width an error; their parameters' dims."""
     from fairscale.nn.model_parallel import initialize as fs
     from fairscale.nn.model_parallel import layers as F
     from megatron.core import ModelParallelConfig
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel as M
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     fs.initialize_model_parallel(1)
@@ -91,29 +93,39 @@ def test_every_framework_layer_type_maps_to_its_dims(rank, world_size):
     cfg = ModelParallelConfig(tensor_model_parallel_size=1, use_cpu_initialization=True)
     init = nn.init.normal_
     mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
-    colwise = parallelize_module(nn.Sequential(nn.Linear(8, 8)), mesh, {"0": ColwiseParallel()})[0]
-    rowwise = parallelize_module(nn.Sequential(nn.Linear(8, 8)), mesh, {"0": RowwiseParallel()})[0]
-    cases = [  # module, its module dims, {parameter: dim}
-        (F.ColumnParallelLinear(8, 8, gather_output=False), {"output": -1}, {"weight": 0, "bias": 0}),
-        (F.ColumnParallelLinear(8, 8, gather_output=True), {}, {"weight": 0, "bias": 0}),
-        (F.RowParallelLinear(8, 8, input_is_parallel=True), {"input": -1}, {"weight": 1, "bias": None}),
-        (F.RowParallelLinear(8, 8, input_is_parallel=False), {}, {"weight": 1, "bias": None}),
-        (F.VocabParallelEmbedding(16, 8), {}, {"weight": 0}),
-        (F.ParallelEmbedding(16, 8), {}, {"weight": 1}),
-        (M.ColumnParallelLinear(8, 8, config=cfg, init_method=init, bias=True, gather_output=False),
-         {"output": -1}, {"weight": 0, "bias": 0}),
-        (M.RowParallelLinear(8, 8, config=cfg, init_method=init, bias=True, input_is_parallel=True,
-                             skip_bias_add=False), {"input": -1}, {"weight": 1}),
-        (colwise, {"output": -1}, {}),
-        (rowwise, {"input": -1}, {}),
-        (nn.Linear(8, 8), {}, {"weight": None, "bias": None}),
+
+    def parallel(style):
+        return parallelize_module(nn.Sequential(nn.Linear(8, 16)), mesh, {"0": style})[0]
+
+    cases = [  # module, full input width, full output width, {parameter: dim}
+        (F.ColumnParallelLinear(8, 16, gather_output=False), {"weight": 0, "bias": 0}),
+        (F.ColumnParallelLinear(8, 16, gather_output=True), {"weight": 0, "bias": 0}),
+        (F.RowParallelLinear(8, 16, input_is_parallel=True), {"weight": 1, "bias": None}),
+        (F.RowParallelLinear(8, 16, input_is_parallel=False), {"weight": 1, "bias": None}),
+        (M.ColumnParallelLinear(8, 16, config=cfg, init_method=init, bias=True, gather_output=False),
+         {"weight": 0, "bias": 0}),
+        (M.RowParallelLinear(8, 16, config=cfg, init_method=init, bias=True, input_is_parallel=True,
+                             skip_bias_add=False), {"weight": 1}),
+        (parallel(ColwiseParallel()), {}),
+        (parallel(ColwiseParallel(output_layouts=Replicate())), {}),
+        (parallel(RowwiseParallel()), {}),
+        (nn.Linear(8, 16), {"weight": None, "bias": None}),
     ]
-    for module, dims, params in cases:
-        assert module_tp_dims(module) == dims, (type(module).__name__, module_tp_dims(module))
-        for side in ("input", "output"):
-            want = Placement(tp_dim=dims[side] % 3) if side in dims else Placement()
-            assert infer_placement(seen(module, side), TP2) == want, (type(module).__name__, side)
+    for module, params in cases:
+        name = type(module).__name__
+        for side, full in (("input", 8), ("output", 16)):
+            assert infer_placement(seen(module, side, torch.zeros(2, 5, full)), TP2) == Placement(), (name, side)
+            assert infer_placement(seen(module, side, torch.zeros(2, 5, full // 2)), TP2) == Placement(tp_dim=2)
+            with pytest.raises(ValueError, match=rf"dim 2 is 3 on this rank, .*full size as {full}: 3 is neither "
+                                                 rf"the whole \({full}\) nor a 1/2 slice"):
+                infer_placement(seen(module, side, torch.zeros(2, 5, 3)), TP2)
         for name, dim in params.items():
             assert param_tp_dim(module, name, getattr(module, name)) == dim, (type(module).__name__, name)
+    for module in (F.VocabParallelEmbedding(16, 8), F.ParallelEmbedding(16, 8), nn.Embedding(16, 8)):
+        assert infer_placement(seen(module, "output", torch.zeros(2, 5, 8)), TP2) == Placement()
+        assert infer_placement(seen(module, "output", torch.zeros(2, 5, 4)), TP2) == Placement(tp_dim=2)
+        assert infer_placement(seen(module, "input", torch.zeros(2, 5, dtype=torch.long)), TP2) == Placement()
+    assert param_tp_dim(F.VocabParallelEmbedding(16, 8), "weight", None) == 0
+    assert param_tp_dim(F.ParallelEmbedding(16, 8), "weight", None) == 1
     ps.destroy_model_parallel()
     fs.destroy_model_parallel()
