@@ -217,7 +217,8 @@ def fire(reg: Registration, rt: Runtime, module: nn.Module, value: Any, args: An
         leaf = _pick_leaf(reg, value)
         local, dtensor_dim, rewrap = to_local(leaf)
         seen = LocalValue(hook.module_name, module, kind.side, local, is_grad=kind.is_grad, param_name=param_name,
-                          from_dtensor=is_dtensor(leaf), dtensor_tp_dim=dtensor_dim)
+                          from_dtensor=is_dtensor(leaf), dtensor_tp_dim=dtensor_dim,
+                          hook_id=getattr(reg.handle, "id", None), hooked=value, leaf_index=hook.unpack_idx)
         placement = infer_placement(seen, rt.layout, hook.expected_shape)
         if isinstance(hook.editing_function, ShardwiseEdit):
             new = _edit_shardwise(reg, rt, module, local, placement, args)
