@@ -29,6 +29,7 @@ pipe; the parent judges by those reports, never by exit codes.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -40,7 +41,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -326,9 +327,12 @@ def five_hook_types() -> List[HookSpec]:
     ]
 
 
-def reference_hooks(model: nn.Module, specs: Sequence[HookSpec], seen: Dict[str, List[torch.Tensor]]) -> list:
-    """Register plain torch hooks doing what each spec asks on the first tensor of the value; captures go to
-    ``seen`` (before the edit). Returns the handles."""
+@contextlib.contextmanager
+def reference_hooks(model: nn.Module, specs: Sequence[HookSpec],
+                    seen: Optional[Dict[str, List[torch.Tensor]]] = None) -> Iterator[Dict[str, List[torch.Tensor]]]:
+    """While open, plain torch hooks on ``model`` do what each spec asks on the first tensor of the value;
+    yields ``seen`` (a new dict unless given), where the captures go (before the edit)."""
+    seen = {} if seen is None else seen
     handles = []
     for s in specs:
         def keep(x: torch.Tensor, s: HookSpec = s) -> torch.Tensor:
@@ -349,7 +353,11 @@ def reference_hooks(model: nn.Module, specs: Sequence[HookSpec], seen: Dict[str,
             handles.append(m.register_full_backward_pre_hook(lambda mod, go, keep=keep: (keep(go[0]),) + go[1:]))
         else:
             raise ValueError(f"unknown hook kind {s.kind!r}")
-    return handles
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def register(flex: "FlexModel", specs: Sequence[HookSpec]) -> None:
@@ -386,14 +394,11 @@ def reference_run(model: nn.Module, idx: torch.Tensor, specs: Sequence[HookSpec]
                   forward: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
                   backward: bool = True) -> Result:
     """One process, full batch, plain torch hooks; loss = mean token loss over the full batch."""
-    seen: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(model, specs, seen)
     forward = forward or (lambda m, x: m(x))
-    out = forward(model, idx)
-    if backward:
-        (lm_loss_sum(out, idx, batch_dim) / (idx.numel() - idx.shape[0])).backward()
-    for h in handles:
-        h.remove()
+    with reference_hooks(model, specs) as seen:
+        out = forward(model, idx)
+        if backward:
+            (lm_loss_sum(out, idx, batch_dim) / (idx.numel() - idx.shape[0])).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return Result(out.detach(), seen, grads)
 

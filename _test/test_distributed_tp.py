@@ -43,12 +43,9 @@ def _fairscale_body(rank: int, world_size: int, sizes: bool, store: str = "root"
              HookSpec("forward", "act", expected_shape=(None, None, H)), HookSpec("forward_pre", "down"),
              HookSpec("full_backward", "down", mix_hidden(a_bwd)), HookSpec("full_backward_pre", "up"),
              HookSpec("tensor", "up.weight", mix_rows(a_bwd))]
-    want: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(ref, specs, want)
-    ref_out = ref(idx)
-    ((ref_out * w).sum() / B).backward()
-    for h in handles:
-        h.remove()
+    with reference_hooks(ref, specs) as want:
+        ref_out = ref(idx)
+        ((ref_out * w).sum() / B).backward()
 
     net = fairscale_net(ref, tp_rank, tp)
     got: Dict[str, List[torch.Tensor]] = {}
@@ -130,13 +127,10 @@ def _megatron_body(rank: int, world_size: int) -> None:
     specs = [HookSpec("forward", "up", mix_hidden(a_fwd)), HookSpec("forward_pre", "down"), HookSpec("forward", "down"),
              HookSpec("full_backward", "down", mix_hidden(a_bwd)), HookSpec("full_backward_pre", "up"),
              HookSpec("tensor", "up.weight"), HookSpec("tensor", "down.weight")]
-    want: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(ref, specs, want)
-    x_ref = x.clone().requires_grad_()
-    ref_out = ref(x_ref)
-    (ref_out * w).sum().backward()
-    for h in handles:
-        h.remove()
+    with reference_hooks(ref, specs) as want:
+        x_ref = x.clone().requires_grad_()
+        ref_out = ref(x_ref)
+        (ref_out * w).sum().backward()
 
     net = MegatronMlp(ref, tp_rank, 2)
     assert net.up.weight.partition_dim == 0 and net.down.weight.partition_dim == 1
@@ -176,13 +170,10 @@ def _dtensor_run(order: str, ref: nn.Module, net: nn.Module, plan: dict, specs: 
 
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
-    want: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(ref, specs, want)
-    x_ref = x.clone().requires_grad_(x.is_floating_point())
-    ref_out = ref(x_ref)
-    (ref_out * w).sum().backward()
-    for h in handles:
-        h.remove()
+    with reference_hooks(ref, specs) as want:
+        x_ref = x.clone().requires_grad_(x.is_floating_point())
+        ref_out = ref(x_ref)
+        (ref_out * w).sum().backward()
 
     net.load_state_dict(ref.state_dict())
     got: Dict[str, List[torch.Tensor]] = {}
@@ -292,12 +283,9 @@ def test_dtensor_mlp_tp2_dp2_mesh(rank, world_size):
     a = torch.randn(H, H) / H ** 0.5
     specs = [HookSpec("forward", "up", mix_hidden(a)), HookSpec("forward_pre", "down"), HookSpec("forward", "down"),
              HookSpec("full_backward", "down"), HookSpec("tensor", "up.weight", mix_rows(a))]
-    want: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(ref, specs, want)
-    ref_out = ref(x)
-    ((ref_out * w).sum() / B).backward()
-    for h in handles:
-        h.remove()
+    with reference_hooks(ref, specs) as want:
+        ref_out = ref(x)
+        ((ref_out * w).sum() / B).backward()
 
     net = MLP(D, H)
     net.load_state_dict(ref.state_dict())

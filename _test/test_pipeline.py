@@ -75,12 +75,9 @@ def _pipeline_body(rank: int, world_size: int, dtype: torch.dtype) -> None:
     ref0, ref1 = Stage0().to(dtype), Stage1().to(dtype)
     idx, w = torch.randint(0, V, (B, T)), torch.randn(B, T, V).to(dtype)
     specs = stage_specs(1, dtype)
-    want: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(ref0, specs[0], want) + reference_hooks(ref1, specs[1], want)
-    ref_out = ref1(ref0(idx))
-    ((ref_out * w).sum() / B).backward()
-    for h in handles:
-        h.remove()
+    with reference_hooks(ref0, specs[0]) as want, reference_hooks(ref1, specs[1], want):
+        ref_out = ref1(ref0(idx))
+        ((ref_out * w).sum() / B).backward()
     unedited = Stage1.forward(ref1, Stage0.forward(ref0, idx))
 
     mine = copy.deepcopy((ref0, ref1)[pp_rank])
@@ -128,12 +125,9 @@ def _torch_pipelining_body(rank: int, world_size: int) -> None:
     ref0, ref1 = Stage0(), Stage1()
     idx, w = torch.randint(0, V, (B, T)), torch.randn(B, T, V)
     specs = stage_specs(1, torch.float32)
-    want: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(ref0, specs[0], want) + reference_hooks(ref1, specs[1], want)
-    ref_out = ref1(ref0(idx))
-    (ref_out * w).sum().backward()
-    for h in handles:
-        h.remove()
+    with reference_hooks(ref0, specs[0]) as want, reference_hooks(ref1, specs[1], want):
+        ref_out = ref1(ref0(idx))
+        (ref_out * w).sum().backward()
 
     mine = copy.deepcopy((ref0, ref1)[rank])
     mine.zero_grad(set_to_none=True)
@@ -253,12 +247,9 @@ def _tp_dp_pp_body(rank: int, world_size: int, sizes: bool) -> None:
              HookSpec("full_backward", "down"), HookSpec("tensor", "up.weight")]
     spec1 = [HookSpec("forward", "up2", mix_hidden(a)), HookSpec("forward_pre", "down2"),
              HookSpec("full_backward_pre", "up2"), HookSpec("tensor", "down2.weight")]
-    want: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(ref0, spec0, want) + reference_hooks(ref1, spec1, want)
-    ref_out = ref1(ref0(idx))
-    ((ref_out * w).sum() / TB).backward()
-    for h in handles:
-        h.remove()
+    with reference_hooks(ref0, spec0) as want, reference_hooks(ref1, spec1, want):
+        ref_out = ref1(ref0(idx))
+        ((ref_out * w).sum() / TB).backward()
 
     mine = fairscale_net(ref0, me["tp"], 2) if me["pp"] == 0 else fairscale_mlp2(ref1, me["tp"], 2)
     got: Dict[str, List[torch.Tensor]] = {}
@@ -328,12 +319,9 @@ def _megatron_3d_body(rank: int, world_size: int) -> None:
     spec0 = [HookSpec("forward", "mlp0.up"), HookSpec("forward_pre", "mlp0.down"), HookSpec("tensor", "mlp0.up.weight")]
     spec1 = [HookSpec("forward", "mlp1.up", mix_hidden(a)), HookSpec("full_backward", "mlp1.down"),
              HookSpec("tensor", "mlp1.down.weight")]
-    want: Dict[str, List[torch.Tensor]] = {}
-    handles = reference_hooks(ref0, spec0, want) + reference_hooks(ref1, spec1, want)
-    ref_out = ref1(ref0(idx))
-    ((ref_out * w).sum() / TB).backward()
-    for h in handles:
-        h.remove()
+    with reference_hooks(ref0, spec0) as want, reference_hooks(ref1, spec1, want):
+        ref_out = ref1(ref0(idx))
+        ((ref_out * w).sum() / TB).backward()
 
     if me["pp"] == 0:
         ref, mine = ref0, MStage0(MegatronMlp(ref0.mlp0, me["tp"], 2))
