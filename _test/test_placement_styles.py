@@ -1,0 +1,338 @@
+"""Every parallel style on a hooked module's input and output, forward and backward, against one process.
+
+Each case builds a small model, runs it in one process with plain torch
+hooks (the reference: captures before the edit, the edited output, input
+and parameter gradients), then parallelises the same weights on 2 real gloo
+ranks with the framework's own plan and hooks it with ``FlexModel``: rank
+0's captures must be the full values, the output and every gradient the
+reference's. Edits mix the split dim (``log_softmax``, ``x @ A``, a roll
+along the sequence), so a value assembled wrong cannot pass.
+
+- torch ``parallelize_module``: ColwiseParallel / RowwiseParallel with and
+  without Replicate output / input layouts and ``use_local_output``,
+  SequenceParallel, PrepareModuleInput / PrepareModuleOutput (through
+  PrepareModuleInputOutput), a Shard(1) row-parallel output; hooks
+  registered before and after ``parallelize_module`` (they see plain
+  values on one side of the style's hooks, DTensors on the other).
+- HuggingFace ``transformers.integrations.tensor_parallel`` plans applied
+  with ``apply_tensor_parallelism`` on small modules: colwise, rowwise,
+  colwise_gather_output, rowwise_rep, rowwise_split_input,
+  embedding_rowwise / embedding_colwise, sequence_parallel; packed_colwise
+  outputs are refused.
+- megatron-core ``GPTModel`` with ``sequence_parallel=True`` at TP=2 against
+  the same seeded model at TP=1.
+- the errors: a module with sequence parallelism inside it and nothing said
+  about its value, asking for ``expected_shape``, which then works.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.testing import assert_close
+
+from _test.distributed import HookSpec, fixed, register, run_ranks
+from _test.models import MLP
+from flex_model import FlexModel, HookFunction
+
+B, T, D, H, V = 2, 4, 8, 12, 10  # batch, sequence, width, hidden width, vocabulary
+
+
+def _import_before_forking() -> None:
+    """DTensor and torch._dynamo (which DTensor imports on first use): ~6 s, paid once, not in every rank."""
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.tensor.parallel  # noqa: F401
+
+
+# -- the reference and the comparison -------------------------------------------------------------------
+def _first(v):
+    return v[0] if isinstance(v, tuple) else v
+
+
+def _put_first(v, t):
+    return (t,) + tuple(v[1:]) if isinstance(v, tuple) else t
+
+
+@dataclass
+class Ref:
+    out: torch.Tensor
+    seen: Dict[str, List[torch.Tensor]]
+    grads: Dict[str, torch.Tensor]
+    x_grad: Optional[torch.Tensor]
+
+
+def reference(model: nn.Module, specs: Sequence[HookSpec], x: torch.Tensor, w: torch.Tensor,
+              forward: Optional[Callable] = None) -> Ref:
+    """One process: plain torch hooks doing each spec's edit on the first tensor of the value (captured
+    before it), loss ``(out * w).sum()``."""
+    seen: Dict[str, List[torch.Tensor]] = {}
+    handles = []
+    for s in specs:
+        def keep(x, s=s):
+            seen.setdefault(s.name, []).append(x.detach().clone())
+            return x if s.fn is None else s.fn(x)
+        if s.kind == "tensor":
+            handles.append(model.get_parameter(s.name).register_hook(keep))
+            continue
+        m = model.get_submodule(s.name)
+        if s.kind == "forward":
+            handles.append(m.register_forward_hook(lambda mod, a, out, keep=keep: _put_first(out, keep(_first(out)))))
+        elif s.kind == "forward_pre":
+            handles.append(m.register_forward_pre_hook(lambda mod, a, keep=keep: (keep(a[0]),) + a[1:]))
+        elif s.kind == "full_backward":
+            handles.append(m.register_full_backward_hook(lambda mod, gi, go, keep=keep: (keep(gi[0]),) + gi[1:]))
+        else:
+            handles.append(m.register_full_backward_pre_hook(lambda mod, go, keep=keep: (keep(go[0]),) + go[1:]))
+    x = x.clone().requires_grad_(x.is_floating_point())
+    out = (forward or (lambda m, x: m(x)))(model, x)
+    (out * w).sum().backward()
+    for h in handles:
+        h.remove()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return Ref(out.detach(), seen, grads, x.grad)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def check(rank: int, got: Dict[str, List[torch.Tensor]], ref: Ref, label: str) -> None:
+    """Rank 0 holds every capture, full, as the reference saw it; the other rank none."""
+    if rank != 0:
+        assert got == {}, f"{label}: rank {rank} stored {sorted(got)}"
+        return
+    assert sorted(got) == sorted(ref.seen), f"{label}: captured {sorted(got)}, reference {sorted(ref.seen)}"
+    for name, want in ref.seen.items():
+        assert [tuple(t.shape) for t in got[name]] == [tuple(t.shape) for t in want], (label, name)
+        for g, r in zip(got[name], want):
+            assert_close(g, r, msg=lambda m, name=name: f"{label}: capture {name}: {m}")
+
+
+def roll_seq(dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An edit that moves values across the sequence halves: wrong unless the full sequence is there."""
+    return lambda x: x + 0.5 * x.roll(1, dim) - 0.25 * x.cumsum(dim)
+
+
+def mix(n: int, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    a = fixed(n, n, seed=seed)
+    return lambda x: x @ a
+
+
+# == torch.distributed.tensor.parallel ================================================================
+class Stack(nn.Module):
+    """Five Linears under five colwise / rowwise variants (see ``STACK_PLAN``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(D, H), nn.Linear(H, H), nn.Linear(H, H)
+        self.d, self.e = nn.Linear(H, V), nn.Linear(V, V)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.e(self.d(self.c(self.b(self.a(x).tanh())).tanh()))
+
+
+def stack_plan() -> dict:
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {"a": ColwiseParallel(output_layouts=Replicate()),  # the lm_head plan: gathers its output
+            "b": RowwiseParallel(input_layouts=Replicate()),  # takes a whole input, splits it itself
+            "c": ColwiseParallel(use_local_output=False),  # returns a DTensor
+            "d": RowwiseParallel(use_local_output=False),  # takes it, returns a Replicate DTensor
+            "e": ColwiseParallel(output_layouts=Replicate())}
+
+
+def stack_specs() -> List[HookSpec]:
+    return [HookSpec("forward", "a", lambda x: x.log_softmax(-1)),  # mixes the (gathered) out_features
+            HookSpec("forward_pre", "a"),
+            HookSpec("full_backward_pre", "a", mix(H, 1)),
+            HookSpec("forward_pre", "b", mix(H, 2)),
+            HookSpec("forward", "b", mix(H, 3)),
+            HookSpec("full_backward", "b", mix(H, 4)),
+            HookSpec("forward", "c", mix(H, 5)),
+            HookSpec("full_backward_pre", "c"),
+            HookSpec("forward_pre", "d", mix(H, 6)),
+            HookSpec("forward", "d", lambda x: x.softmax(-1)),
+            HookSpec("forward", "e", lambda x: x.log_softmax(-1)),
+            HookSpec("tensor", "a.weight", mix(D, 7)),
+            HookSpec("tensor", "d.weight")]
+
+
+class SPNet(nn.Module):
+    """norm → mlp (up, act, down) with a residual → head. Under ``sp_plan`` the residual stream is split on
+    the sequence dim (1) from the input to the column-parallel head: the model takes and the norm returns
+    this rank's half of the sequence, the mlp takes it whole and returns it split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.mlp = MLP(D, H)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return self.head(h + self.mlp(h))
+
+
+class Wrapped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SPNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def sp_plan(prefix: str = "") -> dict:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInputOutput, RowwiseParallel,
+                                                   SequenceParallel)
+
+    plan = {"norm": SequenceParallel(use_local_output=True),
+            "mlp": PrepareModuleInputOutput(input_layouts=Shard(1), desired_input_layouts=Replicate(),
+                                            use_local_input=True, output_layouts=Shard(1),
+                                            desired_output_layouts=Shard(1), use_local_output=True),
+            "mlp.up": ColwiseParallel(),
+            "mlp.down": RowwiseParallel(output_layouts=Shard(1)),
+            "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
+    return {prefix + k: v for k, v in plan.items()}
+
+
+def sp_specs() -> List[HookSpec]:
+    return [HookSpec("forward_pre", "norm", roll_seq(1)),
+            HookSpec("forward", "norm", roll_seq(1)),
+            HookSpec("forward_pre", "mlp", lambda x: roll_seq(1)(x) @ fixed(D, D, seed=11)),
+            HookSpec("forward", "mlp.up", mix(H, 12)),
+            HookSpec("forward", "mlp.down", roll_seq(1)),
+            HookSpec("forward", "mlp", roll_seq(1)),
+            HookSpec("forward", "head", lambda x: x.log_softmax(-1)),
+            HookSpec("full_backward_pre", "head", mix(V, 13)),
+            HookSpec("full_backward_pre", "mlp.down", roll_seq(1)),
+            HookSpec("full_backward", "mlp.up"),
+            HookSpec("full_backward", "norm", roll_seq(1)),
+            HookSpec("tensor", "mlp.up.weight", lambda g: g.roll(1, 0))]
+
+
+def _torch_case(rank: int, make: Callable[[], nn.Module], plan: dict, specs: List[HookSpec], order: str,
+                x: torch.Tensor, w: torch.Tensor, local_in: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    label = f"{type(make()).__name__} hooks {order} parallelize_module"
+    torch.manual_seed(5)
+    ref_model = make()
+    net = make()
+    net.load_state_dict(ref_model.state_dict())
+    ref = reference(ref_model, specs, x, w)
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    got: Dict[str, List[torch.Tensor]] = {}
+    module_specs, param_specs = [s for s in specs if s.kind != "tensor"], [s for s in specs if s.kind == "tensor"]
+    if order == "before":
+        flex = FlexModel(net, got, device_mesh=mesh)
+        register(flex, module_specs)
+        parallelize_module(net, mesh, plan)
+    else:
+        parallelize_module(net, mesh, plan)
+        flex = FlexModel(net, got, device_mesh=mesh)
+        register(flex, module_specs)
+    register(flex, param_specs)
+    x_local = local_in(x).clone().requires_grad_()
+    out = full(flex(x_local))
+    assert_close(out, ref.out, msg=lambda m: f"{label}: output: {m}")
+    (out * w).sum().backward()
+    assert_close(x_local.grad, local_in(ref.x_grad), msg=lambda m: f"{label}: input grad: {m}")
+    for name, p in net.named_parameters():
+        assert_close(full(p.grad), ref.grads[name], msg=lambda m, name=name: f"{label}: grad {name}: {m}")
+    check(rank, got, ref, label)
+    flex.restore()
+
+
+def _torch_styles_body(rank: int, world_size: int) -> None:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(3)
+    x, w, wv = torch.randn(B, T, D, generator=g), torch.randn(B, T, V, generator=g), torch.randn(B, T, V, generator=g)
+    half = lambda t: t.chunk(2, 1)[rank]  # noqa: E731  this rank's half of the sequence
+    for order in ("before", "after"):
+        _torch_case(rank, Stack, stack_plan(), stack_specs(), order, x, wv, lambda t: t)
+        _torch_case(rank, SPNet, sp_plan(), sp_specs(), order, x, wv, half)
+
+
+def test_torch_parallel_styles():
+    """torch's styles (stack_plan, sp_plan), hooks before and after parallelize_module, on 2 ranks."""
+    _import_before_forking()
+    run_ranks(_torch_styles_body, 2, timeout=120)
+
+
+def _the_lm_head_body(rank: int, world_size: int) -> None:
+    """The issue's case: ``Linear(16, 12)`` under ``ColwiseParallel(output_layouts=Replicate())`` is captured
+    (3, 12), and a log_softmax edit is exact."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    ref, net = nn.Sequential(nn.Linear(16, 12)), nn.Sequential(nn.Linear(16, 12))
+    net.load_state_dict(ref.state_dict())
+    parallelize_module(net, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)),
+                       {"0": ColwiseParallel(output_layouts=Replicate())})
+    got: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(net, got)
+    flex.register_forward_hook(HookFunction("0", editing_function=lambda m, x, ctx, mods: x.log_softmax(-1)))
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    assert_close(flex(x), ref(x).log_softmax(-1), rtol=0, atol=1e-6)
+    if rank == 0:
+        assert [tuple(t.shape) for t in got["0"]] == [(3, 12)]
+        assert_close(got["0"][0], ref(x).detach())
+    flex.restore()
+
+
+def test_colwise_output_gathered_before_returning_is_whole():
+    _import_before_forking()
+    run_ranks(_the_lm_head_body, 2)
+
+
+def _cannot_tell_body(rank: int, world_size: int) -> None:
+    """A module with sequence parallelism inside it that nothing says about (Wrapped's ``net``: its output is
+    whole, its residual stream split) is an error naming the shapes and the fix; expected_shape fixes it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    torch.manual_seed(5)
+    ref, net = Wrapped(), Wrapped()
+    net.load_state_dict(ref.state_dict())
+    parallelize_module(net, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)), sp_plan("net."))
+    x = torch.randn(B, T, D, generator=torch.Generator().manual_seed(3))
+    half = x.chunk(2, 1)[rank]
+    got: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(net, got)
+    flex.register_forward_hook(HookFunction("net"))
+    with pytest.raises(ValueError, match=r'hook "net" \(output of SPNet\): the local value has shape '
+                                         rf"\({B}, {T}, {V}\) on each of 2 tensor parallel ranks; sequence "
+                                         r'parallelism runs inside it \("norm" \(SequenceParallel\)\).*'
+                                         r"expected_shape="):
+        flex(half)
+    flex.restore()
+    flex = FlexModel(net, got)
+    flex.register_forward_pre_hook(HookFunction("net", expected_shape=(B, T, D),
+                                                editing_function=lambda m, x, ctx, mods: roll_seq(1)(x)))
+    flex.register_forward_hook(HookFunction("net", expected_shape=(B, T, V)))
+    with torch.no_grad():
+        out = flex(half)
+        assert_close(out, ref(roll_seq(1)(x)))
+    if rank == 0:  # the input before the edit, then the output
+        assert [tuple(t.shape) for t in got["net"]] == [(B, T, D), (B, T, V)]
+        assert_close(got["net"][0], x)
+        assert_close(got["net"][1], ref(roll_seq(1)(x)))
+    flex.restore()
+
+
+def test_sequence_parallel_inside_a_module_is_an_error_unless_expected_shape_says():
+    _import_before_forking()
+    run_ranks(_cannot_tell_body, 2)
