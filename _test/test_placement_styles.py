@@ -336,3 +336,140 @@ def _cannot_tell_body(rank: int, world_size: int) -> None:
 def test_sequence_parallel_inside_a_module_is_an_error_unless_expected_shape_says():
     _import_before_forking()
     run_ranks(_cannot_tell_body, 2)
+
+
+# == HuggingFace transformers tensor parallel plans ===================================================
+class HFNet(nn.Module):
+    """Every HF layer style on small modules: embeddings, an MLP, a packed gate/up projection, replicated-
+    input rowwise layers and an lm head that gathers its output (see ``HF_PLAN``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.emb2 = nn.Embedding(V, D), nn.Embedding(V, D)
+        self.up, self.down = nn.Linear(D, H), nn.Linear(H, D)
+        self.gate_up = nn.Linear(D, 2 * H, bias=False)  # packed [gate; up], as HF models have it
+        self.down2 = nn.Linear(H, D)
+        self.mid, self.mid2 = nn.Linear(D, D), nn.Linear(D, D)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids) + self.emb2(ids)
+        x = x + self.down(self.up(x).tanh())
+        gate, up = self.gate_up(x).chunk(2, -1)
+        x = x + self.down2(gate.tanh() * up)
+        return self.head(self.mid2(self.mid(x)))
+
+
+HF_PLAN = {"emb": "embedding_rowwise", "emb2": "embedding_colwise", "up": "colwise", "down": "rowwise",
+           "gate_up": "packed_colwise", "down2": "rowwise", "mid": "rowwise_rep", "mid2": "rowwise_split_input",
+           "head": "colwise_gather_output"}
+
+
+class SeqNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * 2
+
+
+def hf_parallel(net: nn.Module, plan: Dict[str, str]) -> None:
+    """``plan`` (module name → HF style name) applied with transformers' own helper; parameters get their
+    module's style (``from_pretrained`` expands the plan to them as it loads)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers.integrations.tensor_parallel import apply_tensor_parallelism
+
+    full_plan = dict(plan)
+    full_plan.update({n: plan[n.rsplit(".", 1)[0]] for n, _ in net.named_parameters() if n.rsplit(".", 1)[0] in plan})
+    apply_tensor_parallelism(net, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)), full_plan)
+
+
+def hf_specs() -> List[HookSpec]:
+    return [HookSpec("forward_pre", "emb"),  # token ids: capture only
+            HookSpec("forward", "emb", mix(D, 21)),
+            HookSpec("forward", "emb2", mix(D, 22)),
+            HookSpec("forward", "up", mix(H, 23)),
+            HookSpec("full_backward_pre", "up", mix(H, 24)),
+            HookSpec("full_backward", "up"),
+            HookSpec("forward_pre", "down", mix(H, 25)),
+            HookSpec("forward", "down", mix(D, 26)),
+            HookSpec("forward_pre", "gate_up", mix(D, 27)),
+            HookSpec("forward_pre", "down2", mix(H, 28)),
+            HookSpec("forward_pre", "mid", mix(D, 29)),
+            HookSpec("forward", "mid", mix(D, 30)),
+            HookSpec("forward_pre", "mid2", mix(D, 31)),
+            HookSpec("forward", "head", lambda x: x.log_softmax(-1)),
+            HookSpec("full_backward_pre", "head", mix(V, 32)),
+            HookSpec("tensor", "up.weight", lambda g: g.roll(1, 0)),
+            HookSpec("tensor", "head.weight")]
+
+
+def _hf_case(rank: int, make: Callable[[], nn.Module], plan: Dict[str, str], specs: List[HookSpec],
+             x: torch.Tensor, w: torch.Tensor, local: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    label = f"HF {type(make()).__name__}"
+    torch.manual_seed(6)
+    ref_model, net = make(), make()
+    net.load_state_dict(ref_model.state_dict())
+    ref = reference(ref_model, specs, x, w)
+    hf_parallel(net, plan)
+    got: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(net, got)
+    register(flex, specs)
+    x_local = local(x).clone().requires_grad_(x.is_floating_point())
+    out = flex(x_local)
+    assert_close(out, local(ref.out), msg=lambda m: f"{label}: output: {m}")
+    (out * local(w)).sum().backward()
+    if x.is_floating_point():
+        assert_close(x_local.grad, local(ref.x_grad), msg=lambda m: f"{label}: input grad: {m}")
+    for name, p in net.named_parameters():
+        assert_close(full(p.grad), ref.grads[name], msg=lambda m, name=name: f"{label}: grad {name}: {m}")
+    check(rank, got, ref, label)
+    flex.restore()
+    # HF's inference path (no grad: local kernels, plain tensors throughout) is placed the same way
+    looks = [HookSpec(s.kind, s.name) for s in specs if s.kind in ("forward", "forward_pre")]
+    plain = reference(ref_model, looks, x, w)
+    got.clear()
+    flex = FlexModel(net, got)
+    register(flex, looks)
+    with torch.no_grad():
+        assert_close(flex(local(x)), local(plain.out), msg=lambda m: f"{label} (no grad): output: {m}")
+    check(rank, got, plain, f"{label} (no grad)")
+    flex.restore()
+
+
+def _hf_body(rank: int, world_size: int) -> None:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(4)
+    ids, x = torch.randint(0, V, (B, T), generator=g), torch.randn(B, T, D, generator=g)
+    w, wd = torch.randn(B, T, V, generator=g), torch.randn(B, T, D, generator=g)
+    _hf_case(rank, HFNet, HF_PLAN, hf_specs(), ids, w, lambda t: t)
+    seq = [HookSpec("forward_pre", "norm", roll_seq(1)), HookSpec("forward", "norm", roll_seq(1)),
+           HookSpec("full_backward_pre", "norm", roll_seq(1)), HookSpec("full_backward", "norm"),
+           HookSpec("tensor", "norm.weight")]
+    _hf_case(rank, SeqNorm, {"norm": "sequence_parallel"}, seq, x, wd, lambda t: t.chunk(2, 1)[rank])
+
+    # the packed gate/up output and weight gradient hold interleaved pieces: refused, never assembled wrong
+    torch.manual_seed(6)
+    net = HFNet()
+    hf_parallel(net, HF_PLAN)
+    flex = FlexModel(net, {})
+    flex.register_forward_hook(HookFunction("gate_up"))
+    with pytest.raises(ValueError, match=r'hook "gate_up" \(output of Linear\): HF PackedColwiseParallel on the '
+                                         r"module: its output holds this rank's slice of each of the 2 packed "
+                                         r"parts \(interleaved\)"):
+        flex(ids)
+    flex.restore()
+    flex = FlexModel(net, {})
+    flex.register_hook(HookFunction("gate_up.weight"))
+    with pytest.raises(ValueError, match=r"placed _StridedShard.*holds interleaved pieces"):
+        flex(ids).sum().backward()
+    flex.restore()
+
+
+def test_huggingface_tensor_parallel_plans():
+    """HF's colwise, rowwise, colwise_gather_output, rowwise_rep, rowwise_split_input, embedding_rowwise,
+    embedding_colwise, sequence_parallel and packed_colwise styles, applied by transformers on 2 ranks."""
+    pytest.importorskip("transformers.integrations.tensor_parallel")
+    _import_before_forking()
+    run_ranks(_hf_body, 2, timeout=120)

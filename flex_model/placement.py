@@ -161,7 +161,7 @@ def to_local(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[int], Callable[[to
         x = x.redistribute(placements=[Replicate()])
     place = x.placements[0]
     if not (place.is_shard() or place.is_replicate()):
-        raise ValueError(f"a DTensor of shape {tuple(x.shape)} placed {place} holds interleaved pieces (packed "
+        raise ValueError(f"a DTensor of shape {tuple(x.shape)} placed {place!r} holds interleaved pieces (packed "
                          "weights sharded with a split factor), which do not concatenate into the full tensor; "
                          "hook a value that is a plain shard or replicated")
     tp_dim = place.dim % x.ndim if place.is_shard() else None
@@ -590,8 +590,10 @@ def _example(x: torch.Tensor, tp: int, dim: Optional[int] = None, full: Optional
 
 
 def infer_placement(value: LocalValue, layout: ParallelLayout,
-                    expected_shape: Optional[Sequence[Optional[int]]] = None) -> Placement:
-    """The placement of ``value.tensor`` over this rank's pipeline stage.
+                    expected_shape: Optional[Sequence[Optional[int]]] = None, *,
+                    dp: Optional[int] = None) -> Placement:
+    """The placement of ``value.tensor`` over this rank's pipeline stage (over its replica's tp ranks
+    with ``dp=1``: replica scope gathers no batch slices).
 
     A DTensor's own placement wins over the module's: e.g. a colwise layer's
     output gradient may be Replicate. A plain local value's tp dim is what the
@@ -600,8 +602,9 @@ def infer_placement(value: LocalValue, layout: ParallelLayout,
     batch dim unless ``expected_shape`` gives that dim its local size (e.g.
     position embeddings, the same on every rank)."""
     local = value.tensor
+    dp = layout.dp if dp is None else dp
     dp_dim = None
-    if layout.dp > 1 and value.side != "param":
+    if dp > 1 and value.side != "param":
         if local.ndim <= layout.batch_dim % max(local.ndim, 1) or local.ndim == 0:
             raise ValueError(f'hook "{value.hook_name}": a {local.ndim}-d value cannot be split on batch dim '
                              f"{layout.batch_dim} under data parallel; pick another leaf with unpack_idx")
@@ -635,7 +638,7 @@ def infer_placement(value: LocalValue, layout: ParallelLayout,
             dp_dim = None  # full size = local size: the same value on every data parallel rank
     placement = Placement(tp_dim=tp_dim, dp_dim=dp_dim)
     if value.side == "param" or value.is_grad:
-        return gradient_placement(placement, layout.dp)
+        return gradient_placement(placement, dp)
     return placement
 
 
