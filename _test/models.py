@@ -187,3 +187,131 @@ def fairscale_tp_gpt(model: TinyGPT, rank: int) -> TinyGPT:
             down.bias.copy_(src.mlp.down.bias)
         block.mlp.up, block.mlp.down = up, down
     return tp
+
+
+# -- models parallelised by the frameworks themselves: torchtitan 0.3.0's Llama-3, HuggingFace tp_plan ------------
+TITAN_DIM, TITAN_HEADS, TITAN_KV_HEADS, TITAN_HIDDEN, TITAN_VOCAB = 32, 4, 2, 64, 64
+# torchtitan.distributed.minimal_async_ep imports this module, which imports triton, at import time (through
+# torchtitan.models.common's MoE token dispatcher); dense Llama-3 never calls its kernels.
+TITAN_TRITON_KERNELS = "torchtitan.distributed.minimal_async_ep.kernels"
+_TITAN_KERNEL_NAMES = ("copy_full_counts_to_peers_kernel", "copy_rows_to_peers_kernel", "expand_topk_grad_kernel",
+                       "fill_combine_metadata_kernel", "fill_dispatch_metadata_kernel", "invert_flat_indices_kernel",
+                       "reduce_topk_slots_kernel", "topk_scores_grad_kernel")
+
+
+def import_torchtitan():
+    """``torchtitan.models.llama3``, importable on a CPU machine without triton.
+
+    Two stand-ins, both for what a dense model on CPU never uses: a stub for ``TITAN_TRITON_KERNELS`` put into
+    ``sys.modules`` first (its names raise if called), and ``parallel_dims.device_type = "cpu"`` (torchtitan
+    picks "cuda" when no accelerator is found, and builds its meshes on that device type). Takes ~8 s the first
+    time (torch's inductor and dynamo come with it): call it before forking ranks so they share it."""
+    import sys
+    import types
+
+    if TITAN_TRITON_KERNELS not in sys.modules:
+        stub = types.ModuleType(TITAN_TRITON_KERNELS)
+        stub.__doc__ = "stand-in for torchtitan's triton kernels (flex_model tests, CPU only)"
+
+        def missing(name):
+            def kernel(*args, **kwargs):
+                raise RuntimeError(f"{name}: torchtitan's triton kernels are stubbed out in these tests")
+            return kernel
+
+        for name in _TITAN_KERNEL_NAMES:
+            setattr(stub, name, missing(name))
+        sys.modules[TITAN_TRITON_KERNELS] = stub
+    import torchtitan.distributed.parallel_dims as parallel_dims
+    import torchtitan.models.llama3 as llama3
+
+    parallel_dims.device_type = "cpu"
+    return llama3
+
+
+def titan_llama_config(*, sharded: bool = False, sequence_parallel: bool = False):
+    """A tiny torchtitan ``Llama3Model.Config`` (2 layers, dim 32, 4 heads / 2 kv heads, fused qkv, vocab 64),
+    built from torchtitan's own config classes and helpers, with SDPA attention (causal; its flex and varlen
+    backends need compile / CUDA). ``sharded``: with torchtitan's Llama-3 sharding declarations filled in, as
+    ``Llama3Model.Config.update_from_config`` does (called here directly: that method imports the trainer
+    and its data-loading dependencies)."""
+    llama3 = import_torchtitan()
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+    from torchtitan.models.common.config_utils import make_ffn_config, make_gqa_config
+    from torchtitan.models.llama3.model import Llama3TransformerBlock
+    from torchtitan.models.llama3.sharding import set_llama3_sharding_config
+
+    dim = TITAN_DIM
+    linear = {"weight": lambda w: nn.init.normal_(w, std=0.3), "bias": nn.init.zeros_}  # large: edits show
+    norm = {"weight": nn.init.ones_}
+    rope = ComplexRoPE.Config(dim=dim // TITAN_HEADS, max_seq_len=64, theta=10000.0)
+    layers = [Llama3TransformerBlock.Config(
+        attention_norm=RMSNorm.Config(normalized_shape=dim, param_init=norm),
+        ffn_norm=RMSNorm.Config(normalized_shape=dim, param_init=norm),
+        attention=make_gqa_config(dim=dim, n_heads=TITAN_HEADS, n_kv_heads=TITAN_KV_HEADS, fuse_qkv=True,
+                                  wqkv_param_init=linear, wo_param_init=linear, rope=rope,
+                                  inner_attention=ScaledDotProductAttention.Config()),
+        feed_forward=make_ffn_config(dim=dim, hidden_dim=TITAN_HIDDEN, w1_param_init=linear,
+                                     w2w3_param_init=linear)) for _ in range(2)]
+    config = llama3.Llama3Model.Config(
+        dim=dim, vocab_size=TITAN_VOCAB, layers=layers,
+        tok_embeddings=Embedding.Config(num_embeddings=TITAN_VOCAB, embedding_dim=dim,
+                                        param_init={"weight": nn.init.normal_}),
+        norm=RMSNorm.Config(normalized_shape=dim, param_init=norm),
+        lm_head=Linear.Config(in_features=dim, out_features=TITAN_VOCAB, param_init=linear))
+    if sharded:
+        set_llama3_sharding_config(config, enable_sp=sequence_parallel)
+    return config
+
+
+def titan_llama(seed: int = 0) -> nn.Module:
+    """The tiny torchtitan Llama-3, one process, its weights initialised by torchtitan from ``seed``."""
+    torch.manual_seed(seed)
+    model = titan_llama_config().build()
+    model.init_states()
+    return model
+
+
+def titan_parallel_llama(reference: nn.Module, world_size: int, *, tp: int, dp_shard: int,
+                         sequence_parallel: bool = False):
+    """``(model, parallel_dims)``: the same weights as ``reference``, parallelised by torchtitan's own
+    ``parallelize_llama`` (its TP plan, then FSDP2 on every block and the root; ``spmd_backend=
+    "partial_dtensor"``: DTensors on the tp mesh only) over ``ParallelDims(dp_shard, tp)``, fp32.
+
+    torchtitan turns off FSDP2's gradient division (it scales the loss by the global token count); FSDP2 would
+    still reduce-scatter with PREMUL_SUM, which gloo lacks, so every FSDP module is also set to plain sums
+    (``set_force_sum_reduction_for_comms``): the gradients are those of the sum of the ranks' losses."""
+    llama3 = import_torchtitan()
+    from torch.distributed.fsdp import FSDPModule
+    from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+    from torchtitan.distributed import ParallelDims
+
+    parallelism = ParallelismConfig(tensor_parallel_degree=tp, data_parallel_shard_degree=dp_shard,
+                                    enable_sequence_parallel=sequence_parallel, spmd_backend="partial_dtensor")
+    model = titan_llama_config(sharded=True, sequence_parallel=sequence_parallel).build()
+    model.load_state_dict(reference.state_dict())
+    dims = ParallelDims.from_config(parallelism, world_size)
+    model = llama3.parallelize_llama(model, parallel_dims=dims, parallelism=parallelism,
+                                     training=TrainingConfig(mixed_precision_param="float32"),
+                                     compile_config=CompileConfig(), ac_config=None, dump_folder="")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+    return model, dims
+
+
+HF_TP_VOCAB, HF_TP_DIM, HF_TP_HIDDEN = 96, 32, 64
+
+
+def save_hf_llama(path: str, seed: int = 0) -> str:
+    """Save a tiny HuggingFace Llama (2 layers, hidden 32, 4 heads / 2 kv heads, vocab 96) with random
+    weights to ``path`` (``save_pretrained``), to be loaded with and without ``tp_plan="auto"``. Returns
+    ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=HF_TP_VOCAB, hidden_size=HF_TP_DIM, intermediate_size=HF_TP_HIDDEN,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      initializer_range=0.2)  # large weights: the edits show in the logits
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
