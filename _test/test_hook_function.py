@@ -49,7 +49,7 @@ def test_expected_shape_accepts_none_dims_and_repr_names_everything():
     handle = flex.register_forward_pre_hook(hook)
     assert repr(hook) == repr(HookFunction("layers.0.mlp", [2, None, 32], my_edit, 1))  # registering adds nothing
     assert vars(hook) == {"module_name": "layers.0.mlp", "expected_shape": (2, None, 32),
-                          "editing_function": my_edit, "unpack_idx": 1}
+                          "editing_function": my_edit, "unpack_idx": 1, "scope": None}
     assert "Registration(HookFunction('layers.0.mlp'" in repr(handle.registration)
     assert handle.registration.hook_type == "forward_pre" and handle.hook is hook
 

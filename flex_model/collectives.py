@@ -262,6 +262,7 @@ def exchange(stage: Stage, local: Optional[torch.Tensor], placement: Optional[Pl
             offset += size
         received = torch.empty(sum(in_sizes), dtype=torch.uint8, device=device)
         dist.all_to_all_single(received, chunks, in_sizes, out_sizes, group=stage.group)
+        stage.stats.count(sum(out_sizes) - out_sizes[me], sum(in_sizes) - in_sizes[me])
         starts = [sum(in_sizes[:s]) for s in range(n)]
         return received, starts
 
@@ -292,6 +293,8 @@ def broadcast_status(stage: Stage, status: int, error: Optional[BaseException], 
     """The root's ``(status, flag)`` on every rank; a failure raises on every rank."""
     header = _header(status, (flag,), _describe(error), device)
     dist.broadcast(header, src=stage.ranks[0], group=stage.group)
+    nbytes = header.numel() * 8
+    stage.stats.count(nbytes * (len(stage.ranks) - 1) if stage.is_root else 0, 0 if stage.is_root else nbytes)
     head = _parse(header)
     if head.status == FAILED:
         if error is not None:
@@ -310,6 +313,7 @@ def agree(stage: Stage, failure: Optional[Tuple[str, BaseException]], when: str)
     mine = _header(FAILED if error is not None else OK, (), f"{name}\0{_describe(error)}", device)
     everyone = [torch.empty_like(mine) for _ in stage.ranks]
     dist.all_gather(everyone, mine, group=stage.group)
+    stage.stats.count(mine.numel() * 8, mine.numel() * 8 * (len(stage.ranks) - 1))
     if error is not None:
         raise error
     for rank, header in zip(stage.ranks, everyone):
@@ -331,6 +335,7 @@ def gather_to_root(stage: Stage, local: torch.Tensor, placement: Placement,
     if not stage.is_root:
         if stage.me in sources:
             dist.send(local.contiguous(), dst=stage.ranks[0], group=stage.group)
+            stage.stats.count(local.numel() * local.element_size(), 0)
         return None
     pieces = {0: local}
     requests = []
@@ -339,6 +344,7 @@ def gather_to_root(stage: Stage, local: torch.Tensor, placement: Placement,
         requests.append(dist.irecv(pieces[i], src=stage.ranks[i], group=stage.group))
     for request in requests:
         request.wait()
+    stage.stats.count(0, sum(pieces[i].numel() * pieces[i].element_size() for i in sources[1:]))
     return assemble(pieces, stage, placement)
 
 
@@ -376,12 +382,14 @@ def scatter_from_root(stage: Stage, full: Optional[torch.Tensor], placement: Pla
     if not stage.is_root:
         out = torch.empty(shapes[stage.me], dtype=like.dtype, device=like.device)
         dist.recv(out, src=stage.ranks[0], group=stage.group)
+        stage.stats.count(0, out.numel() * out.element_size())
         return out
     pieces = split_pieces(full, stage, placement, shapes)
     requests = [dist.isend(pieces[i].contiguous(), dst=stage.ranks[i], group=stage.group)
                 for i in range(1, len(pieces))]
     for request in requests:
         request.wait()
+    stage.stats.count(sum(p.numel() * p.element_size() for p in pieces[1:]), 0)
     return pieces[0].contiguous()
 
 

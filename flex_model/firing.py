@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from flex_model import collectives as C
-from flex_model.hook_function import HookFunction, ShardInfo, ShardwiseEdit
+from flex_model.hook_function import HookFunction, Scope, ShardInfo, ShardwiseEdit
 from flex_model.layout import ParallelLayout, Stage
 from flex_model.placement import LocalValue, Placement, dp_grad_divisor, infer_placement, is_dtensor, to_local
 from flex_model.tree import replace_leaf, tensor_leaves
@@ -88,6 +88,7 @@ class Registration:
     target: Any = None
     handle: Any = None
     capacity: int = 0
+    scope: Scope = "global"
     _prior_full_backward: Any = _UNSET  # the target's ``_is_full_backward_hook`` before we registered
 
     @property
@@ -98,10 +99,17 @@ class Registration:
     def name(self) -> str:
         return self.hook.module_name
 
+    def stage(self, layout: ParallelLayout) -> Optional[Stage]:
+        """The ranks this hook's firings gather over: the pipeline stage, or in replica scope this rank's
+        replica's tensor-parallel ranks (None: one rank, nothing to gather)."""
+        return layout.stage if self.scope == "global" else layout.replica
+
     def defers(self, rt: "Runtime") -> bool:
-        """Whether a failure of this hook on one rank is kept until the end of the pass (no exchange of
-        ours follows it): shardwise edits, and captures nobody keeps without data parallelism."""
-        return isinstance(self.hook.editing_function, ShardwiseEdit) or _nothing_moves(self, rt)
+        """Whether a failure of this hook on one rank is kept until the end of the pass: where no exchange
+        of ours follows it (shardwise edits, captures nobody keeps without data parallelism), and in replica
+        scope always (its exchanges span one replica; the other replicas learn of it at the pass end)."""
+        return isinstance(self.hook.editing_function, ShardwiseEdit) or _nothing_moves(self, rt) or (
+            self.scope == "replica" and rt.layout.stage is not None)
 
     def detach(self) -> None:
         """Remove the torch hook and undo what registering it set on the target (idempotent)."""
@@ -147,9 +155,10 @@ class Runtime:
     offload_to_cpu: bool = True
     dp_grad_mean: bool = True
     active: Optional[Set[Registration]] = None  # None: every hook fires
-    outbox: List[Tuple[str, torch.Tensor]] = field(default_factory=list)  # pipeline captures for the owner
+    outbox: List[Tuple[str, torch.Tensor, Scope]] = field(default_factory=list)  # pipeline captures to ship
     failure: Optional[Tuple[str, BaseException]] = None
     backward_check_queued: bool = False
+    firings: int = 0  # since the last FlexModel.comm_stats()
 
     def keep_failure(self, reg: Registration, error: BaseException) -> None:
         """Keep ``error`` until the end of the pass (the first one wins); in a backward pass, make sure
@@ -164,17 +173,19 @@ class Runtime:
         failure, self.failure = self.failure, None
         C.agree(self.layout.stage, failure, when)
 
-    def store_value(self, name: str, full: torch.Tensor, fresh: bool = False) -> None:
-        """Keep ``full`` (a copy, unless ``fresh``: already a new tensor nobody else holds)."""
+    def store_value(self, name: str, full: torch.Tensor, fresh: bool = False, scope: Scope = "global") -> None:
+        """Keep ``full`` (a copy, unless ``fresh``: already a new tensor nobody else holds) in
+        ``output_dict`` on its owner (the replica's, in replica scope), or queue it for shipping there."""
         value = full.detach()
         if self.offload_to_cpu and value.device.type != "cpu":
             value = value.cpu()
         elif not fresh:
             value = value.clone()
-        if self.store == "all" or self.layout.rank == self.layout.owner:
+        owner = self.layout.owner if scope == "global" else self.layout.replica_owner
+        if self.store == "all" or self.layout.rank == owner:
             self.output_dict.setdefault(name, []).append(value)
         else:
-            self.outbox.append((name, value))
+            self.outbox.append((name, value, scope))
 
 
 def attach(reg: Registration, rt: Runtime, target: Any, module: nn.Module, param_name: str = "") -> None:
@@ -205,37 +216,42 @@ def fire(reg: Registration, rt: Runtime, module: nn.Module, value: Any, args: An
     if rt.active is not None and reg not in rt.active:
         return None
     hook, kind = reg.hook, reg.kind
+    rt.firings += 1
     if kind.is_grad and not tensor_leaves(value):  # e.g. grad_input of a module called with keyword args
         warnings.warn(f'hook "{hook.module_name}" ({kind.name}) got no gradient tensors (its inputs were '
                       "passed as keyword arguments or need no grad); nothing captured or edited", stacklevel=2)
         return None
-    stage = rt.layout.stage
-    if stage is not None and kind.is_grad and reg.defers(rt) and not rt.backward_check_queued:
+    stage, everyone = reg.stage(rt.layout), rt.layout.stage  # where it gathers; where a failure must reach
+    replica = reg.scope == "replica"
+    if everyone is not None and kind.is_grad and reg.defers(rt) and not rt.backward_check_queued:
         _queue_backward_check(rt)
-    error, local, placement, rewrap = None, None, None, None
+    shardwise = isinstance(hook.editing_function, ShardwiseEdit)
+    error, local, placement, rewrap, new = None, None, None, None, None
     try:
         leaf = _pick_leaf(reg, value)
         local, dtensor_dim, rewrap = to_local(leaf)
         seen = LocalValue(hook.module_name, module, kind.side, local, is_grad=kind.is_grad, param_name=param_name,
                           from_dtensor=is_dtensor(leaf), dtensor_tp_dim=dtensor_dim,
                           hook_id=getattr(reg.handle, "id", None), hooked=value, leaf_index=hook.unpack_idx)
-        placement = infer_placement(seen, rt.layout, hook.expected_shape)
-        if isinstance(hook.editing_function, ShardwiseEdit):
+        placement = infer_placement(seen, rt.layout, hook.expected_shape, dp=1 if replica else None)
+        if shardwise:
             new = _edit_shardwise(reg, rt, module, local, placement, args)
         elif stage is None:
             new = _edit_here(reg, rt, module, local)
-        else:
-            new = None
     except Exception as e:
-        if stage is None:
+        if everyone is None:
             raise
         error = e
-    if stage is not None and not isinstance(hook.editing_function, ShardwiseEdit):
+    if stage is not None and not shardwise:
         if _nothing_moves(reg, rt):
             new = _edit_here(reg, rt, module, local) if stage.is_root and error is None else None
         else:
-            new = _edit_across(reg, rt, stage, module, local, placement, error)
-            error = None  # it travelled in the exchange and was raised there
+            try:
+                new, error = _edit_across(reg, rt, stage, module, local, placement, error), None
+            except Exception as e:  # raised on every rank of the replica; the other replicas are told at
+                if not replica:     # the end of the pass (a global stage's exchange told every rank)
+                    raise
+                error, new = e, None
     if error is not None:
         rt.keep_failure(reg, error)
         return None
@@ -289,7 +305,7 @@ def _run_edit(reg: Registration, rt: Runtime, module: nn.Module, x: torch.Tensor
 def _edit_here(reg: Registration, rt: Runtime, module: nn.Module, local: torch.Tensor) -> Optional[torch.Tensor]:
     """The whole value is on this rank: store it, edit it in the autograd graph."""
     if rt.store != "none":
-        rt.store_value(reg.name, local)
+        rt.store_value(reg.name, local, scope=reg.scope)
     if reg.hook.editing_function is None:
         return None
     return _run_edit(reg, rt, module, local)
@@ -327,9 +343,10 @@ def _edit_across(reg: Registration, rt: Runtime, stage: Stage, module: nn.Module
 
 
 def _nothing_moves(reg: Registration, rt: Runtime) -> bool:
-    """Without dp, a capture nobody keeps needs no collective. Decided without the value's placement,
-    so every rank of the stage decides alike even when one failed to infer it."""
-    return rt.layout.dp == 1 and reg.hook.editing_function is None and rt.store == "none"
+    """Without dp (or in replica scope), a capture nobody keeps needs no collective. Decided without the
+    value's placement, so every rank of the stage decides alike even when one failed to infer it."""
+    return (rt.layout.dp == 1 or reg.scope == "replica") and reg.hook.editing_function is None and \
+        rt.store == "none"
 
 
 def _exchange(reg: Registration, rt: Runtime, stage: Stage, local: Optional[torch.Tensor],
@@ -352,7 +369,7 @@ def _store(reg: Registration, rt: Runtime, stage: Stage, full: torch.Tensor, loc
     # A capture can skip its copy when the exchange made a new tensor that no edit will touch.
     fresh = full is not local and reg.hook.editing_function is None
     if rt.store == "all" or (rt.store == "root" and stage.is_root):
-        rt.store_value(reg.name, full, fresh=fresh)
+        rt.store_value(reg.name, full, fresh=fresh, scope=reg.scope)
     return full
 
 

@@ -28,7 +28,7 @@ from flex_model import collectives as C
 from flex_model.firing import HOOK_KINDS, Registration, Runtime, Store, attach
 from flex_model.frameworks import check_layout, choose_layout, uses_fsdp
 from flex_model.groups import ALL, HookGroups
-from flex_model.hook_function import EditingFunction, ExpectedShape, HookFunction, HookType
+from flex_model.hook_function import SCOPES, EditingFunction, ExpectedShape, HookFunction, HookType, Scope
 from flex_model.layout import FAIRSCALE_ORDER, ParallelLayout
 from flex_model.names import NameResolver, unknown_name
 from flex_model.parameters import full_parameter
@@ -65,6 +65,18 @@ class FlexModel(nn.Module):
     a multi-rank job, the layout is read off the model (fairscale state, a
     DTensor mesh, DDP/FSDP = data parallel over the world).
 
+    ``scope``: where a firing gathers (a HookFunction's own ``scope`` wins).
+    ``"global"``: over the whole pipeline stage, every data-parallel replica's
+    batch slice — the edit runs once, on the global batch. ``"replica"``: over
+    the tensor-parallel ranks of one data-parallel replica — the edit runs once
+    per replica, on that replica's (TP-unsharded) batch slice, on the
+    replica's root, and captures land in the ``output_dict`` of the replica's
+    owner (its rank pp 0, tp 0); no firing collective spans data-parallel
+    ranks (a failure still reaches every rank, by one small all-gather at the
+    end of the pass). Gradients in replica scope are those of the replica's
+    own loss (no division by dp); trainable modules get per-replica gradients
+    (all-reduce them before the optimizer step).
+
     ``store``: where ``output_dict`` entries are kept — ``"root"`` (the owner,
     global rank of dp 0 / pp 0 / tp 0), ``"all"`` ranks, or ``"none"``.
     ``output_dict[name]`` is a list with one full, detached tensor per
@@ -81,13 +93,16 @@ class FlexModel(nn.Module):
                  process_group: Optional[dist.ProcessGroup] = None, *, device_mesh: Any = None,
                  layout: Optional[ParallelLayout] = None, parallel_order: Sequence[str] = FAIRSCALE_ORDER,
                  batch_dim: int = 0, store: Store = "root", offload_to_cpu: bool = True,
-                 dp_grad_mean: bool = True) -> None:
+                 dp_grad_mean: bool = True, scope: Scope = "global") -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"FlexModel wraps an nn.Module, got {type(module).__name__}")
         if not isinstance(output_dict, dict):
             raise TypeError(f"output_dict must be a dict (it receives the captured tensors), got {type(output_dict).__name__}")
         _check_store(store)
+        if scope not in SCOPES:
+            raise ValueError(f'scope must be "global" or "replica", got {scope!r}')
+        self.scope = scope
         self.module = module
         self.trainable_modules = nn.ModuleDict()
         self.output_dict = output_dict
@@ -102,6 +117,8 @@ class FlexModel(nn.Module):
         if not layout.is_single:
             check_layout(layout)
         self.layout = layout.build_groups()
+        if scope == "replica":
+            self.layout.build_replica_groups()
         self._runtime = Runtime(self.layout, output_dict, self.save_ctx, self.trainable_modules,
                                 store=store, offload_to_cpu=offload_to_cpu, dp_grad_mean=dp_grad_mean)
         self._groups = HookGroups()  # members: Registration records, in registration order
@@ -151,7 +168,9 @@ class FlexModel(nn.Module):
         target = self._resolve(hook.module_name, hook_type, somewhere)
         if hook_type == "tensor" and uses_fsdp(self.module):
             raise ValueError(_FSDP_TENSOR_HOOK.format(name=hook.module_name))
-        reg = Registration(hook, HOOK_KINDS[hook_type])
+        reg = Registration(hook, HOOK_KINDS[hook_type], scope=hook.scope or self.scope)
+        if reg.scope == "replica":
+            self.layout.build_replica_groups()  # collective, once: every rank registers the same hooks
         if target is not None:
             if hook_type == "tensor":
                 _, owner, param = target
@@ -301,12 +320,34 @@ class FlexModel(nn.Module):
         return self.module(*args, **kwargs)
 
     def gather_pipeline_outputs(self) -> None:
-        """Move what pipeline stages captured into the owner's ``output_dict``; call on every rank
-        after the pipeline's forward (a collective over the stages' roots)."""
-        if self.layout.roots is None:
-            return
-        ship_to_owner(self.layout, self._runtime.outbox, self.output_dict)
-        self._runtime.outbox.clear()
+        """Move what pipeline stages captured into the owner's ``output_dict`` (each replica's owner's, for
+        replica-scope hooks); call on every rank after the pipeline's forward (a collective over the
+        stages' roots)."""
+        outbox = self._runtime.outbox
+        for scope, group in (("global", self.layout.roots), ("replica", self.layout.replica_roots)):
+            if group is not None:
+                ship_to_owner(self.layout, [(n, t) for n, t, s in outbox if s == scope], self.output_dict, scope)
+        outbox.clear()
+
+    def comm_stats(self, reset: bool = True) -> Dict[str, int]:
+        """What this rank's firings communicated since the last call: ``firings``, ``collectives`` (those of
+        flex_model's firings and end-of-pass checks, not the model's own), ``sent_bytes``, ``recv_bytes``,
+        and how many of the collectives ran over the whole stage (``stage_collectives``: spanning
+        data-parallel ranks when dp > 1) or over one replica (``replica_collectives``)."""
+        stages = {"stage": self.layout.stage, "replica": self.layout.replica}
+        out = {"firings": self._runtime.firings, "collectives": 0, "sent_bytes": 0, "recv_bytes": 0}
+        for key, stage in stages.items():
+            stats = stage.stats if stage is not None else None
+            out[f"{key}_collectives"] = stats.collectives if stats else 0
+            if stats:
+                out["collectives"] += stats.collectives
+                out["sent_bytes"] += stats.sent_bytes
+                out["recv_bytes"] += stats.recv_bytes
+                if reset:
+                    stats.collectives = stats.sent_bytes = stats.recv_bytes = 0
+        if reset:
+            self._runtime.firings = 0
+        return out
 
     def clear_output_dict(self) -> None:
         self.output_dict.clear()

@@ -19,6 +19,10 @@ from torch import nn
 
 ExpectedShape = Optional[Sequence[Optional[int]]]
 HookType = Literal["forward", "forward_pre", "full_backward", "full_backward_pre", "tensor"]
+# Where one firing gathers: "global" over the whole pipeline stage (every data-parallel replica's batch slice,
+# one edit for the global batch), "replica" over one replica's tensor-parallel ranks (one edit per replica).
+Scope = Literal["global", "replica"]
+SCOPES = ("global", "replica")
 
 
 class EditingFunction(Protocol):
@@ -74,10 +78,12 @@ class HookFunction:
     ``unpack_idx`` picks the tensor leaf of the hooked value (depth-first:
     sequence items in order, dict values in insertion order, dataclass fields
     in declaration order; for pre-hooks the value is ``(args, kwargs)``).
+    ``scope`` overrides the wrapper's scope for this hook (see ``FlexModel``).
     """
 
     def __init__(self, module_name: str, expected_shape: ExpectedShape = None,
-                 editing_function: Optional[EditingFunction | ShardwiseEdit] = None, unpack_idx: int = 0) -> None:
+                 editing_function: Optional[EditingFunction | ShardwiseEdit] = None, unpack_idx: int = 0, *,
+                 scope: Optional[Scope] = None) -> None:
         if not isinstance(module_name, str) or not module_name:
             raise TypeError(f"module_name must be a non-empty dotted name, got {module_name!r}")
         if expected_shape is not None:
@@ -94,15 +100,19 @@ class HookFunction:
             raise TypeError(f"editing_function must be callable, got {type(editing_function).__name__}")
         if not isinstance(unpack_idx, int):
             raise TypeError(f"unpack_idx must be an int, got {unpack_idx!r}")
+        if scope is not None and scope not in SCOPES:
+            raise ValueError(f'scope must be "global" or "replica" (or None: the wrapper\'s), got {scope!r}')
         self.module_name = module_name
         self.expected_shape = expected_shape
         self.editing_function = editing_function
         self.unpack_idx = unpack_idx
+        self.scope = scope
 
     def __repr__(self) -> str:
         edit = _label(self.editing_function) if self.editing_function is not None else None
+        scope = f", scope={self.scope!r}" if self.scope is not None else ""
         return (f"HookFunction({self.module_name!r}, expected_shape={self.expected_shape}, "
-                f"editing_function={edit}, unpack_idx={self.unpack_idx})")
+                f"editing_function={edit}, unpack_idx={self.unpack_idx}{scope})")
 
 
 def _label(fn: Any) -> str:

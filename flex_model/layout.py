@@ -22,15 +22,32 @@ FAIRSCALE_ORDER = ("dp", "pp", "tp")
 MEGATRON_ORDER = ("pp", "dp", "tp")
 
 
+@dataclass
+class CommStats:
+    """What this rank's firings moved over one group: counted by ``collectives``, read (and reset) by
+    ``FlexModel.comm_stats()``."""
+
+    collectives: int = 0
+    sent_bytes: int = 0
+    recv_bytes: int = 0
+
+    def count(self, sent: int, received: int) -> None:
+        self.collectives += 1
+        self.sent_bytes += sent
+        self.recv_bytes += received
+
+
 @dataclass(frozen=True)
 class Stage:
-    """The ranks of one pipeline stage, ordered by (dp, tp), and their process group; index 0 is the root."""
+    """The ranks of one pipeline stage (or, in replica scope, of one replica's tensor-parallel ranks),
+    ordered by (dp, tp), and their process group; index 0 is the root."""
 
     group: dist.ProcessGroup
     ranks: Tuple[int, ...]
     dp: int
     tp: int
     me: int  # this rank's index in ``ranks``
+    stats: CommStats = field(default_factory=CommStats, compare=False, repr=False)
 
     @property
     def is_root(self) -> bool:
@@ -63,6 +80,9 @@ class ParallelLayout:
     source: str = field(default="sizes given", compare=False)
     stage: Optional[Stage] = field(default=None, init=False, compare=False, repr=False)
     roots: Optional[dist.ProcessGroup] = field(default=None, init=False, compare=False, repr=False)
+    replica: Optional[Stage] = field(default=None, init=False, compare=False, repr=False)
+    replica_roots: Optional[dist.ProcessGroup] = field(default=None, init=False, compare=False, repr=False)
+    _replicas_built: bool = field(default=False, init=False, compare=False, repr=False)
     _created: List[dist.ProcessGroup] = field(default_factory=list, init=False, compare=False, repr=False)
     _built: bool = field(default=False, init=False, compare=False, repr=False)
 
@@ -159,6 +179,16 @@ class ParallelLayout:
         return [self.global_rank(0, p, 0) for p in range(self.pp)]
 
     @property
+    def replica_root_ranks(self) -> List[int]:
+        """The root (tp 0) of every pipeline stage of this rank's data-parallel replica, in stage order."""
+        return [self.global_rank(self.my["dp"], p, 0) for p in range(self.pp)]
+
+    @property
+    def replica_owner(self) -> int:
+        """Where this replica's captures live in replica scope: its rank (pp 0, tp 0)."""
+        return self.global_rank(self.my["dp"], 0, 0)
+
+    @property
     def my(self) -> Dict[str, int]:
         return self.coords(self.rank)
 
@@ -187,6 +217,26 @@ class ParallelLayout:
         self._built = True
         return self
 
+    def build_replica_groups(self) -> "ParallelLayout":
+        """Create the groups of replica scope (collective, like ``build_groups``; once): ``replica``, this
+        rank's tensor-parallel ranks in its stage and data-parallel replica (None when tp is 1), and
+        ``replica_roots``, the stage roots of this replica (None when pp is 1)."""
+        if self._replicas_built or self.is_single:
+            return self
+        me = self.my
+        for d in range(self.dp):
+            for p in range(self.pp):
+                ranks = [self.global_rank(d, p, t) for t in range(self.tp)]
+                group = self._new_group(ranks)
+                if group is not None:
+                    self.replica = Stage(group, tuple(ranks), 1, self.tp, ranks.index(self.rank))
+        for d in range(self.dp):
+            group = self._new_group([self.global_rank(d, p, 0) for p in range(self.pp)])
+            if group is not None and d == me["dp"]:
+                self.replica_roots = group
+        self._replicas_built = True
+        return self
+
     def _new_group(self, ranks: List[int]) -> Optional[dist.ProcessGroup]:
         if len(ranks) == 1:
             return None
@@ -201,4 +251,4 @@ class ParallelLayout:
         for group in self._created:
             dist.destroy_process_group(group)
         self._created.clear()
-        self.stage = self.roots = None
+        self.stage = self.roots = self.replica = self.replica_roots = None

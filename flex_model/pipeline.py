@@ -1,4 +1,5 @@
-"""Pipeline parallel: ship what non-owner stages captured to the owner's ``output_dict``.
+"""Pipeline parallel: ship what non-owner stages captured to the owner's ``output_dict`` (replica scope:
+to the replica's owner).
 
 Each stage's root queues its captures during the forward; ``ship_to_owner``
 (a collective over the stage roots) moves them, in stage order, as raw bytes
@@ -57,13 +58,18 @@ def _recv_entries(src: int, group: dist.ProcessGroup) -> List[Tuple[str, torch.T
 
 
 def ship_to_owner(layout: ParallelLayout, outbox: List[Tuple[str, torch.Tensor]],
-                  output_dict: Dict[str, List[torch.Tensor]]) -> None:
-    """Send this stage root's ``outbox`` to the owner, which appends every stage's entries in stage order."""
-    group, owner = layout.roots, layout.owner
+                  output_dict: Dict[str, List[torch.Tensor]], scope: str = "global") -> None:
+    """Send this stage root's ``outbox`` to the owner (in replica scope: its replica's owner, over the
+    replica's stage roots), which appends every stage's entries in stage order. Call it on every rank
+    of that roots group."""
+    if scope == "global":
+        group, owner, roots = layout.roots, layout.owner, layout.root_ranks
+    else:
+        group, owner, roots = layout.replica_roots, layout.replica_owner, layout.replica_root_ranks
     if layout.rank != owner:
         _send_entries(outbox, owner, group)
         return
-    for src in layout.root_ranks:
+    for src in roots:
         if src != owner:
             for name, tensor in _recv_entries(src, group):
                 output_dict.setdefault(name, []).append(tensor)
