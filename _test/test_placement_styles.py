@@ -38,7 +38,8 @@ from torch.testing import assert_close
 
 from _test.distributed import HookSpec, fixed, register, run_ranks
 from _test.models import MLP
-from flex_model import FlexModel, HookFunction
+from flex_model import MEGATRON_ORDER, FlexModel, HookFunction
+from flex_model.tree import replace_leaf, tensor_leaves
 
 B, T, D, H, V = 2, 4, 8, 12, 10  # batch, sequence, width, hidden width, vocabulary
 
@@ -50,14 +51,6 @@ def _import_before_forking() -> None:
 
 
 # -- the reference and the comparison -------------------------------------------------------------------
-def _first(v):
-    return v[0] if isinstance(v, tuple) else v
-
-
-def _put_first(v, t):
-    return (t,) + tuple(v[1:]) if isinstance(v, tuple) else t
-
-
 @dataclass
 class Ref:
     out: torch.Tensor
@@ -68,26 +61,27 @@ class Ref:
 
 def reference(model: nn.Module, specs: Sequence[HookSpec], x: torch.Tensor, w: torch.Tensor,
               forward: Optional[Callable] = None) -> Ref:
-    """One process: plain torch hooks doing each spec's edit on the first tensor of the value (captured
-    before it), loss ``(out * w).sum()``."""
+    """One process: plain torch hooks doing each spec's edit on the first tensor leaf of the value (as
+    FlexModel's ``unpack_idx=0``; captured before the edit), loss ``(out * w).sum()``."""
     seen: Dict[str, List[torch.Tensor]] = {}
     handles = []
     for s in specs:
-        def keep(x, s=s):
+        def keep(value, s=s):
+            x = tensor_leaves(value)[0]
             seen.setdefault(s.name, []).append(x.detach().clone())
-            return x if s.fn is None else s.fn(x)
+            return value if s.fn is None else replace_leaf(value, 0, s.fn(x))
         if s.kind == "tensor":
             handles.append(model.get_parameter(s.name).register_hook(keep))
             continue
         m = model.get_submodule(s.name)
         if s.kind == "forward":
-            handles.append(m.register_forward_hook(lambda mod, a, out, keep=keep: _put_first(out, keep(_first(out)))))
+            handles.append(m.register_forward_hook(lambda mod, a, out, keep=keep: keep(out)))
         elif s.kind == "forward_pre":
-            handles.append(m.register_forward_pre_hook(lambda mod, a, keep=keep: (keep(a[0]),) + a[1:]))
+            handles.append(m.register_forward_pre_hook(lambda mod, a, kw, keep=keep: keep((a, kw)), with_kwargs=True))
         elif s.kind == "full_backward":
-            handles.append(m.register_full_backward_hook(lambda mod, gi, go, keep=keep: (keep(gi[0]),) + gi[1:]))
+            handles.append(m.register_full_backward_hook(lambda mod, gi, go, keep=keep: keep(gi)))
         else:
-            handles.append(m.register_full_backward_pre_hook(lambda mod, go, keep=keep: (keep(go[0]),) + go[1:]))
+            handles.append(m.register_full_backward_pre_hook(lambda mod, go, keep=keep: keep(go)))
     x = x.clone().requires_grad_(x.is_floating_point())
     out = (forward or (lambda m, x: m(x)))(model, x)
     (out * w).sum().backward()
@@ -473,3 +467,114 @@ def test_huggingface_tensor_parallel_plans():
     pytest.importorskip("transformers.integrations.tensor_parallel")
     _import_before_forking()
     run_ranks(_hf_body, 2, timeout=120)
+
+
+# == megatron-core GPTModel, sequence parallel ========================================================
+S, MB, MD, MV = 8, 2, 16, 32  # sequence, batch, hidden, vocabulary of the GPT
+
+
+class TaggedLayerNorm(nn.LayerNorm):
+    """A plain LayerNorm built like Megatron's norms and tagged like them: its parameters are
+    ``sequence_parallel`` when the config is (megatron's torch norm refuses sequence parallel; apex's
+    FusedLayerNorm is what it wants, and sets these tags)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_: object) -> None:
+        super().__init__(hidden_size, eps=eps)
+        for p in self.parameters():
+            p.sequence_parallel = config.sequence_parallel
+
+
+def megatron_gpt(tp: int):
+    """A seeded 2-layer megatron-core GPTModel (local layer spec, CPU initialisation) at ``tp``; sequence
+    parallel when tp > 1. One seed gives the same full weights at any tp (CPU init slices a full master)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    model_parallel_cuda_manual_seed(123, inference_rng_tracker=True)
+    cfg = TransformerConfig(num_layers=2, hidden_size=MD, num_attention_heads=4, use_cpu_initialization=True,
+                            tensor_model_parallel_size=tp, sequence_parallel=tp > 1, hidden_dropout=0.0,
+                            attention_dropout=0.0, params_dtype=torch.float32)
+    spec = get_gpt_layer_local_spec()
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TaggedLayerNorm
+    torch.manual_seed(0)
+    return GPTModel(cfg, TransformerBlockSubmodules(layer_specs=[spec] * 2, layer_norm=TaggedLayerNorm),
+                    vocab_size=MV, max_sequence_length=S)
+
+
+def gpt_specs() -> List[HookSpec]:
+    """Megatron is [s, b, h]: under sequence parallel every value from a row-parallel layer's output up to
+    the next column-parallel layer is split on dim 0. Edits roll along the sequence or mix the split dim."""
+    L0, attn = "decoder.layers.0", "decoder.layers.0.self_attention"
+    return [HookSpec("forward", "embedding", roll_seq(0)),
+            HookSpec("forward_pre", L0, roll_seq(0)),  # called with hidden_states= (a keyword)
+            HookSpec("forward", L0, lambda x: roll_seq(0)(x) @ fixed(MD, MD, seed=41)),
+            HookSpec("forward", f"{L0}.input_layernorm"),
+            HookSpec("forward", f"{attn}.linear_qkv", mix(3 * MD, 42)),
+            HookSpec("forward", f"{attn}.core_attention", mix(MD, 43)),
+            HookSpec("forward_pre", f"{attn}.linear_proj", mix(MD, 44)),
+            HookSpec("forward", f"{attn}.linear_proj", roll_seq(0)),
+            HookSpec("full_backward", f"{attn}.linear_proj", mix(MD, 45)),
+            HookSpec("forward", f"{L0}.mlp", roll_seq(0)),
+            HookSpec("full_backward_pre", f"{L0}.mlp", roll_seq(0)),
+            HookSpec("forward_pre", f"{L0}.mlp.linear_fc2", mix(4 * MD, 46)),
+            HookSpec("forward_pre", "decoder.layers.1.pre_mlp_layernorm", roll_seq(0)),
+            HookSpec("forward", "decoder.final_layernorm"),
+            HookSpec("forward_pre", "output_layer", roll_seq(0)),
+            HookSpec("forward", "output_layer", lambda x: x.log_softmax(-1)),
+            HookSpec("full_backward_pre", "output_layer", mix(MV, 47)),
+            HookSpec("tensor", f"{L0}.mlp.linear_fc1.weight", lambda g: g.roll(1, 0))]
+
+
+def _megatron_gpt_body(rank: int, world_size: int) -> None:
+    from megatron.core import parallel_state as ps
+
+    torch.set_num_threads(1)
+    torch.cuda.current_device = lambda: "cpu"  # megatron asks for a device where it means "here"
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, MV, (MB, S), generator=g)
+    w = torch.randn(MB, S, MV, generator=g)
+    pos = torch.arange(S).expand(MB, S)
+    mask = torch.ones(S, S, dtype=torch.bool).triu(1)[None, None]
+    gpt = lambda m, x: m(x, pos, mask)  # noqa: E731
+    specs = gpt_specs()
+
+    ref = reference(megatron_gpt(1), specs, ids, w, forward=gpt)
+    ps.destroy_model_parallel()
+    net = megatron_gpt(2)
+    assert net.config.sequence_parallel
+    got: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(net, got, tensor_parallel_size=2, parallel_order=MEGATRON_ORDER)
+    register(flex, specs)
+    out = flex(ids, pos, mask)  # this rank's slice of the vocabulary (parallel_output)
+    assert_close(out, ref.out.chunk(2, -1)[rank], msg=lambda m: f"GPT output: {m}")
+    (out * w.chunk(2, -1)[rank]).sum().backward()
+    tp_group = ps.get_tensor_model_parallel_group()
+    for name, p in net.named_parameters():
+        if getattr(p, "sequence_parallel", False):  # what megatron's finalize_model_grads does
+            dist.all_reduce(p.grad, group=tp_group)
+        dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        want = ref.grads[name] if dim is None else ref.grads[name].chunk(2, dim)[rank]
+        assert_close(p.grad, want, msg=lambda m, name=name: f"GPT grad {name}: {m}")
+    check(rank, got, ref, "GPT sequence parallel")
+
+    # a sequence-parallel parameter's gradient is a partial sum until finalize_model_grads: refused
+    flex.restore()
+    flex = FlexModel(net, {}, tensor_parallel_size=2, parallel_order=MEGATRON_ORDER)
+    flex.register_hook(HookFunction("decoder.final_layernorm.weight"))
+    with pytest.raises(ValueError, match=r'hook "decoder.final_layernorm.weight".*sequence_parallel.*partial'):
+        flex(ids, pos, mask).sum().backward()
+    flex.restore()
+    ps.destroy_model_parallel()
+
+
+def test_megatron_gpt_sequence_parallel():
+    """megatron-core GPTModel, sequence_parallel=True at TP=2 on 2 ranks, against the same model at TP=1."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install megatron-core)")
+    import megatron.core.models.gpt.gpt_model  # noqa: F401  (imported before forking: the ranks share it)
+
+    run_ranks(_megatron_gpt_body, 2, timeout=180)

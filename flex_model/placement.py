@@ -614,6 +614,13 @@ def infer_placement(value: LocalValue, layout: ParallelLayout,
         if value.from_dtensor or value.dtensor_tp_dim is not None:
             tp_dim = value.dtensor_tp_dim
         elif value.side == "param":
+            param = getattr(value.module, value.param_name, None)
+            if value.is_grad and getattr(param, "sequence_parallel", False):
+                raise ValueError(f'hook "{value.hook_name}": {type(value.module).__name__}.{value.param_name} is '
+                                 "tagged sequence_parallel: during backward each tp rank holds the partial "
+                                 "gradient of its part of the sequence, which Megatron sums over tp only after "
+                                 "backward (finalize_model_grads); no rank holds the full gradient yet. Read "
+                                 "param.grad after that instead of hooking the gradient")
             tp_dim = param_tp_dim(value.module, value.param_name, local)
         else:
             claim = claim_of(value, layout)
