@@ -19,9 +19,11 @@ from __future__ import annotations
 import warnings
 from typing import Dict, List
 
+import accelerate  # noqa: F401  transformers refuses tp_plan loading without it
 import pytest
 import torch
 from torch.testing import assert_close
+from transformers import LlamaForCausalLM  # at collection: every forked rank shares it, the docs' HF block too
 
 from _test.distributed import HookSpec, check_capture_dict, fixed, lm_loss_sum, reference_run, register, run_ranks
 from _test.models import HF_TP_DIM, HF_TP_VOCAB, save_hf_llama
@@ -71,7 +73,6 @@ def load_parallel(path: str, fsdp: int):
     (``DistributedConfig(tp_size=2, fsdp_size=fsdp)``, FSDP2 set to reduce by plain sums, as gloo needs;
     transformers keeps FSDP2's mean)."""
     from torch.distributed.fsdp import FSDPModule
-    from transformers import LlamaForCausalLM
 
     if fsdp == 1:
         with warnings.catch_warnings():  # transformers 5 prefers distributed_config=DistributedConfig(tp_plan=...)
@@ -90,7 +91,6 @@ def load_parallel(path: str, fsdp: int):
 
 def _hf_tp_body(rank: int, world_size: int, path: str, hows: tuple) -> None:
     from torch.distributed.tensor import DTensor
-    from transformers import LlamaForCausalLM
 
     torch.set_num_threads(1)
     dp = world_size // 2
@@ -145,9 +145,7 @@ def _hf_tp_body(rank: int, world_size: int, path: str, hows: tuple) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    """The tiny Llama saved once; transformers imported here, before the ranks fork, so they share it."""
-    import accelerate  # noqa: F401  transformers refuses tp_plan loading without it (the test extra has it)
-
+    """The tiny Llama saved once, in the pytest process."""
     return save_hf_llama(str(tmp_path_factory.mktemp("hf_llama")))
 
 

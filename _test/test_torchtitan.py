@@ -28,8 +28,8 @@ import torch
 from torch.testing import assert_close
 
 from _test.distributed import HookSpec, check_capture_dict, fixed, lm_loss_sum, reference_run, register, run_ranks
-from _test.models import (TITAN_DIM, TITAN_HEADS, TITAN_HIDDEN, TITAN_KV_HEADS, TITAN_VOCAB, titan_llama,
-                          titan_parallel_llama)
+from _test.models import (TITAN_DIM, TITAN_HEADS, TITAN_HIDDEN, TITAN_KV_HEADS, TITAN_VOCAB, import_torchtitan,
+                          titan_llama, titan_parallel_llama)
 from flex_model import FlexModel
 
 B, T = 4, 8  # global batch, sequence
@@ -130,16 +130,18 @@ CASES = {
 }
 
 
+try:  # at collection, in the pytest process (~8 s): every forked rank shares it, the docs' torchtitan block too
+    import_torchtitan()
+    IMPORT_ERROR = None
+except ImportError as e:
+    IMPORT_ERROR = e
+
+
 @pytest.fixture(scope="module", autouse=True)
 def torchtitan_imported():
-    """Import torchtitan (~8 s) in the pytest process, before the ranks fork, so they share it."""
-    from _test.models import import_torchtitan
-
-    try:
-        import_torchtitan()
-    except ImportError as e:
-        pytest.fail(f"torchtitan 0.3.0 does not import ({e}); install it as the README's test command does: "
-                    "pip install --no-deps torchtitan==0.3.0 (its light deps are in requirements/test.txt)")
+    if IMPORT_ERROR is not None:
+        pytest.fail(f"torchtitan 0.3.0 does not import ({IMPORT_ERROR}); install it as the README's test command "
+                    "does: pip install --no-deps torchtitan==0.3.0 (its light deps are in the test extra)")
 
 
 @pytest.mark.parametrize("case", list(CASES))
