@@ -129,3 +129,83 @@ def test_every_framework_layer_type_maps_to_its_dims(rank, world_size):
     assert param_tp_dim(F.ParallelEmbedding(16, 8), "weight", None) == 1
     ps.destroy_model_parallel()
     fs.destroy_model_parallel()
+
+
+def test_a_declared_split_that_the_size_contradicts_is_an_error():
+    ln = nn.LayerNorm(8)
+    ln.weight.sequence_parallel = True
+    ln.bias.sequence_parallel = True  # Megatron's tag: the norm runs on a sequence-split value (dim 0)
+    assert infer_placement(seen(ln, "input"), TP2) == Placement(tp_dim=0)
+    with pytest.raises(ValueError, match=r'hook "m": LayerNorm.weight is tagged sequence_parallel: during '
+                                         r"backward each tp rank holds the partial gradient"):
+        infer_placement(seen(ln, "param", torch.zeros(8), is_grad=True, param_name="weight"), TP2)
+
+
+def test_a_module_with_sequence_parallelism_inside_needs_every_full_size():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.proj = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    block = Block()
+    block.norm.weight.sequence_parallel = block.norm.bias.sequence_parallel = True
+    with pytest.raises(ValueError, match=r'hook "m" \(output of Block\): the local value has shape \(2, 5, 8\) on '
+                                         r"each of 2 tensor parallel ranks; sequence parallelism runs inside it "
+                                         r'\("norm" \(LayerNorm, Megatron sequence parallel\)\).*expected_shape='):
+        infer_placement(seen(block), TP2)
+    with pytest.raises(ValueError, match=r"leaves dims unsaid, but sequence parallelism runs inside it"):
+        infer_placement(seen(block), TP2, (None, 10, None))
+    assert infer_placement(seen(block), TP2, (2, 10, 8)) == Placement(tp_dim=1)
+    assert infer_placement(seen(block), TP2, (2, 5, 8)) == Placement()
+    assert infer_placement(seen(block, tensor=torch.zeros(2, 5, dtype=torch.long)), TP2) == Placement()  # ids
+
+
+@multi_process(1)
+def test_torch_styles_are_read_off_their_hooks_and_where_ours_runs(rank, world_size):
+    """What a plain value is depends on whether our hook runs before or after the style's hook: before it,
+    the layout the style takes (``input_layouts`` / ``output_layouts``); after it, what the style leaves
+    (``desired_*`` with ``use_local_output``, else a DTensor). Without knowing where ours runs, views that
+    differ are an error. Read against a tp=2 layout (the 1-rank mesh only builds the hooks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (PrepareModuleInput, PrepareModuleOutput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+
+    def hooked(style, module=None):
+        module = module or nn.Identity()
+        early = (module.register_forward_pre_hook(lambda *a: None).id, module.register_forward_hook(lambda *a: None).id)
+        parallelize_module(module, mesh, style)
+        late = (module.register_forward_pre_hook(lambda *a: None).id, module.register_forward_hook(lambda *a: None).id)
+        return module, early, late
+
+    def place(module, side, hook_id, hooked_value=None, tensor=X, **kw):
+        return infer_placement(LocalValue("m", module, side, tensor, hook_id=hook_id, hooked=hooked_value, **kw), TP2)
+
+    pmi, early, late = hooked(PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None),
+                                                 use_local_output=True))
+    args = ((X, torch.zeros(5, 8)), {})
+    assert place(pmi, "input", early[0], args) == Placement(tp_dim=1)  # before: its input_layouts
+    assert place(pmi, "input", late[0], args) == Placement()  # after: its desired_input_layouts, local
+    with pytest.raises(ValueError, match=r"sequence parallelism runs inside it \(the module itself "
+                                         r"\(PrepareModuleInput\)\)"):  # an argument it leaves alone: unsaid
+        place(pmi, "input", late[0], args, tensor=args[0][1], leaf_index=1)
+    with pytest.raises(ValueError, match=r"PrepareModuleInput on it changes the input, and where this hook runs "
+                                         r"among its hooks is not known"):
+        place(pmi, "input", None, args)
+    assert place(pmi, "input", None, args[0], is_grad=True) == Placement()  # grad_input: after every pre-hook
+
+    pmo, early, late = hooked(PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate()))
+    assert place(pmo, "output", early[1], X) == Placement(tp_dim=1)
+    assert place(pmo, "output", late[1], X) == Placement()
+
+    sp, early, late = hooked(SequenceParallel(sequence_dim=0, use_local_output=True), nn.LayerNorm(8))
+    assert place(sp, "input", early[0], ((X,), {})) == Placement(tp_dim=0)
+    assert place(sp, "output", late[1], X) == Placement(tp_dim=0)
+
+    row, early, late = hooked(RowwiseParallel(output_layouts=Shard(1)), nn.Linear(16, 8))
+    assert place(row, "output", late[1], X) == Placement(tp_dim=1)  # the sequence, and the full out_features
+    with pytest.raises(ValueError, match=r"RowwiseParallel on the module \(output after it\).*says dim 1 is split, "
+                                         r"but dim 2 holds a 1/2 slice"):
+        place(row, "output", late[1], None, tensor=torch.zeros(2, 5, 4))
