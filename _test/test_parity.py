@@ -32,7 +32,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _test.distributed import HookSpec, multi_process, register, row_slices, tokens
-from _test.models import NET_H, NET_VOCAB, Block, Net, fairscale_net, lm_loss, tiny_gpt
+from _test.models import NET_D, NET_H, NET_VOCAB, Block, Net, fairscale_net, lm_loss, tiny_gpt
 from flex_model import FlexModel
 
 Step = Callable[[nn.Module], torch.Tensor]  # forward and backward of one model (or its FlexModel); returns the output
@@ -166,7 +166,7 @@ def test_fairscale_tp2_parity(rank, world_size):
     fs.initialize_model_parallel(2)
     torch.manual_seed(0)
     full = Net()
-    idx, w = torch.randint(0, NET_VOCAB, (4, 5)), torch.randn(4, 5, 8)
+    idx, w = torch.randint(0, NET_VOCAB, (4, 5)), torch.randn(4, 5, NET_D)
 
     def step(m: nn.Module) -> torch.Tensor:
         out = m(idx)
