@@ -12,7 +12,9 @@ wrapper's record of one registered hook. ``fire`` runs one firing:
    rank's error surfaces on all.
 3. store: the full, detached value (before the edit) goes to ``output_dict``
    (on CPU unless ``offload_to_cpu=False``) on the root, on every rank, or
-   nowhere (``store``); pipeline stages other than the owner's queue it.
+   nowhere (``store``); pipeline stages other than the owner's queue it. On
+   CUDA the copy to host runs on a side stream and the capture is put in
+   place when the pass ends (``Runtime.store_value``, ``Runtime.sync``).
 4. edit: the editing function runs once, on the root, on the full tensor;
    its result is validated (same shape, dtype, device).
 5. scatter: the root's verdict is broadcast; an edited tensor goes back as
@@ -29,9 +31,10 @@ the raw concatenation instead (the rule is ``placement.dp_grad_divisor``).
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Literal, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -159,6 +162,12 @@ class Runtime:
     failure: Optional[Tuple[str, BaseException]] = None
     backward_check_queued: bool = False
     firings: int = 0  # since the last FlexModel.comm_stats()
+    async_copies: bool = True  # CUDA captures offloaded by a side-stream copy (see ``store_value``)
+    # Captures whose host copy may still run: (name, host tensor, scope, kept here, event or None).
+    pending: List[Tuple[str, torch.Tensor, Scope, bool, Any]] = field(default_factory=list)
+    _windows: int = 0  # open ``deferred_copies`` blocks
+    _sync_task: Optional[int] = None  # the backward pass (graph task) whose end runs ``sync``
+    _copy_streams: Dict[Any, Any] = field(default_factory=dict)  # CUDA device -> side stream
 
     def keep_failure(self, reg: Registration, error: BaseException) -> None:
         """Keep ``error`` until the end of the pass (the first one wins); in a backward pass, make sure
@@ -175,17 +184,105 @@ class Runtime:
 
     def store_value(self, name: str, full: torch.Tensor, fresh: bool = False, scope: Scope = "global") -> None:
         """Keep ``full`` (a copy, unless ``fresh``: already a new tensor nobody else holds) in
-        ``output_dict`` on its owner (the replica's, in replica scope), or queue it for shipping there."""
-        value = full.detach()
-        if self.offload_to_cpu and value.device.type != "cpu":
+        ``output_dict`` on its owner (the replica's, in replica scope), or queue it for shipping there.
+
+        Off the critical path on CUDA: while the host will wait anyway before user code can see the
+        capture — inside ``deferred_copies`` (``FlexModel.forward``), or in a backward pass, whose end
+        runs ``sync`` — a CUDA value offloaded to CPU is copied to pinned memory on a side stream
+        (``_host_copy``) and the firing returns at once; the capture is held in ``pending`` and enters
+        ``output_dict`` (or the outbox) only in ``sync``, after its copy's event completed. Elsewhere
+        (the wrapped module called directly), on CPU, under gloo, and for values kept on the GPU, the
+        copy is made here, as it always was. Either way ``output_dict`` receives the same values in the
+        same order, and never a tensor whose copy may still be running."""
+        value, event = full.detach(), None
+        if self.offload_to_cpu and value.device.type in ASYNC_DEVICES and self.async_copies \
+                and self._copies_can_wait():
+            value, event = _host_copy(value, fresh, self._copy_streams)
+        elif self.offload_to_cpu and value.device.type != "cpu":
             value = value.cpu()
         elif not fresh:
             value = value.clone()
         owner = self.layout.owner if scope == "global" else self.layout.replica_owner
-        if self.store == "all" or self.layout.rank == owner:
+        here = self.store == "all" or self.layout.rank == owner
+        if event is None and not self.pending:
+            self._keep(name, value, scope, here)
+        else:  # behind a pending copy: wait in line, so that output_dict keeps the firing order
+            self.pending.append((name, value, scope, here, event))
+
+    def _keep(self, name: str, value: torch.Tensor, scope: Scope, here: bool) -> None:
+        if here:
             self.output_dict.setdefault(name, []).append(value)
         else:
             self.outbox.append((name, value, scope))
+
+    def _copies_can_wait(self) -> bool:
+        """Whether a sync is sure to run before user code sees this pass's captures: inside
+        ``deferred_copies``, or in a backward pass (its end gets a ``sync``, queued here once)."""
+        if self._windows:
+            return True
+        task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)()
+        if task_id == -1:
+            return False
+        if self._sync_task != task_id:
+            from torch.autograd import Variable
+
+            def end_of_backward() -> None:
+                self._sync_task = None
+                self.sync()
+
+            self._sync_task = task_id
+            Variable._execution_engine.queue_callback(end_of_backward)
+        return True
+
+    def sync(self) -> None:
+        """Wait for every pending host copy, then put each capture where it goes, in firing order (on
+        CPU, or with nothing pending, this does nothing)."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        for name, value, scope, here, event in pending:
+            if event is not None:
+                event.synchronize()
+            self._keep(name, value, scope, here)
+
+    @contextmanager
+    def deferred_copies(self) -> Iterator[None]:
+        """A block (a forward pass) at whose end every pending copy is waited for (``sync``), even if it
+        raises: inside it, captures' host copies run asynchronously."""
+        self._windows += 1
+        try:
+            yield
+        finally:
+            self._windows -= 1
+            if not self._windows:
+                self.sync()
+
+
+ASYNC_DEVICES = ("cuda",)  # devices whose offloaded captures are copied asynchronously
+
+
+def _host_copy(value: torch.Tensor, fresh: bool, streams: Dict[Any, Any]) -> Tuple[torch.Tensor, Any]:
+    """Start copying the CUDA tensor ``value`` to pinned host memory; ``(host tensor, CUDA event)``.
+
+    The copy runs on a side stream (one per device) that first waits for the work queued so far on
+    the current stream, which produced ``value``; the event marks its end. A ``value`` that others
+    hold (not ``fresh``: the module's own output, an edit's input) is first cloned on the current
+    stream — a device-to-device copy, fast next to the transfer — so that a write to it queued later
+    (an in-place activation, an edit) cannot race the transfer; ``record_stream`` keeps the source's
+    memory from being reused before the side stream has read it."""
+    device = value.device
+    side = streams.get(device)
+    if side is None:
+        side = streams[device] = torch.cuda.Stream(device)
+    src = value if fresh else value.clone()
+    host = torch.empty_like(src, device="cpu", pin_memory=True)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        host.copy_(src, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(side)
+    src.record_stream(side)
+    return host, event
 
 
 def attach(reg: Registration, rt: Runtime, target: Any, module: nn.Module, param_name: str = "") -> None:
@@ -285,6 +382,7 @@ def _pick_leaf(reg: Registration, value: Any) -> torch.Tensor:
 def _run_edit(reg: Registration, rt: Runtime, module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """Call the user's editing function on the full tensor and validate its result."""
     name = reg.name
+    rt.sync()  # the edit sees every capture made so far in output_dict, as with synchronous copies
     try:
         y = reg.hook.editing_function(module, x, rt.save_ctx, rt.modules)
     except Exception as e:
@@ -315,6 +413,7 @@ def _edit_shardwise(reg: Registration, rt: Runtime, module: nn.Module, local: to
                     placement: Placement, args: Any) -> Optional[torch.Tensor]:
     shard = ShardInfo(tp_dim=placement.tp_dim, tp_rank=rt.layout.my["tp"], tp_size=rt.layout.tp,
                       dp_dim=placement.dp_dim, module_args=args)
+    rt.sync()  # as in _run_edit: user code sees every capture made so far
     y = reg.hook.editing_function.edit_shard(module, local, shard, rt.modules)
     if y is not None and (y.shape != local.shape or y.dtype != local.dtype):
         raise ValueError(f'the shardwise edit of hook "{reg.name}" returned shape {tuple(y.shape)} '

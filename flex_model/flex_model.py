@@ -313,11 +313,15 @@ class FlexModel(nn.Module):
         """Run the wrapped module with the hooks of ``groups`` (or all others, with ``complement``).
 
         The selection also governs this pass's backward hooks, so it stays in force until the
-        next ``forward``: calling the wrapped module directly afterwards fires the same hooks."""
+        next ``forward``: calling the wrapped module directly afterwards fires the same hooks.
+
+        On CUDA, captures offloaded to CPU are copied on a side stream while the pass runs; every copy
+        has finished, and its tensor is in ``output_dict``, when this returns (``Runtime.store_value``)."""
         self._check_alive()
         everything = groups == ALL and not complement
         self._runtime.active = None if everything else self._groups.select(groups, complement)
-        return self.module(*args, **kwargs)
+        with self._runtime.deferred_copies():  # waits for every capture's host copy before returning
+            return self.module(*args, **kwargs)
 
     def gather_pipeline_outputs(self) -> None:
         """Move what pipeline stages captured into the owner's ``output_dict`` (each replica's owner's, for

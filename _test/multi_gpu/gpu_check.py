@@ -4,7 +4,8 @@
 
 1. One process on ``cuda:0``: FlexModel edits on TinyGPT equal plain torch hooks
    bit for bit (outputs and every gradient); captures land on CPU by default
-   and stay on the GPU with ``offload_to_cpu=False``.
+   and stay on the GPU with ``offload_to_cpu=False``; captures with many hooks (forward and backward,
+   one overwritten by an in-place ReLU) copied on a side stream equal synchronous copies.
 2. NCCL with ``world_size`` ranks (default: one per GPU): DDP TinyGPT with a
    forward edit and a backward capture through FlexModel, checked against
    one process. On a one-GPU machine it also tries two ranks sharing the GPU
@@ -64,6 +65,36 @@ def single_process_cuda() -> None:
         want = "cpu" if offload else "cuda"
         assert all(t.device.type == want for v in out.values() for t in v), {k: v[0].device for k, v in out.items()}
         flex.restore()
+
+
+def async_capture_cuda() -> str:
+    """Captures on every module of TinyGPT and of an MLP whose first output an in-place ReLU overwrites,
+    forward and backward: copied to pinned memory on a side stream, equal to synchronous copies."""
+    dev = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    gpt = TinyGPT().to(dev)
+    mlp = torch.nn.Sequential(torch.nn.Linear(256, 4096), torch.nn.ReLU(inplace=True),
+                              torch.nn.Linear(4096, 256)).to(dev)  # 256 MB captures: a race would show
+    idx, x = torch.randint(0, 61, (8, 64), device=dev), torch.randn(32, 512, 256, device=dev)
+    runs = []
+    for deferred in (False, True):
+        runs.append(out := {})
+        for model, inp in ((gpt, idx), (mlp, x)):
+            flex = FlexModel(model, out)
+            flex._runtime.async_copies = deferred
+            for name, _ in model.named_modules():
+                if name and name != "layers":
+                    flex.register_forward_hook(HookFunction(name))
+            flex.register_full_backward_hook(HookFunction(name))
+            flex(inp).float().square().mean().backward()
+            assert flex._runtime.pending == [], "captures left pending after backward"
+            flex.restore()
+        pinned = {t.is_pinned() for v in out.values() for t in v}
+        assert pinned == {deferred}, f"deferred={deferred}: pinned {pinned}"
+    assert sorted(runs[0]) == sorted(runs[1])
+    for name, want in runs[0].items():
+        assert len(want) == len(runs[1][name]) and all(torch.equal(a, b) for a, b in zip(runs[1][name], want)), name
+    return f"{sum(map(len, runs[1].values()))} captures equal to synchronous copies"
 
 
 def ddp_body(rank: int, world_size: int) -> str:
@@ -233,6 +264,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     checks = []
     if args.backend == "nccl":
         checks.append(("single process on cuda:0", single_process_cuda))
+        checks.append(("single process: side-stream captures vs synchronous copies",
+                       lambda: print(async_capture_cuda())))
         checks.append((f"NCCL DDP, {max(n, 1)} rank(s), one GPU each",
                        lambda: print(run_ranks(ddp_body, max(n, 1), backend="nccl", timeout=180))))
         if n == 1:
