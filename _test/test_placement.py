@@ -15,7 +15,7 @@ from torch import nn
 from _test.distributed import multi_process
 from flex_model.layout import ParallelLayout
 from flex_model.placement import (LocalValue, Placement, dp_grad_divisor, gradient_placement, infer_placement,
-                                  param_tp_dim, to_local)
+                                  param_tp_dim)
 
 TP2 = ParallelLayout(tp=2, ranks=(0, 1))
 DP2 = ParallelLayout(dp=2, ranks=(0, 1))
@@ -131,7 +131,7 @@ def test_every_framework_layer_type_maps_to_its_dims(rank, world_size):
     fs.destroy_model_parallel()
 
 
-def test_a_declared_split_that_the_size_contradicts_is_an_error():
+def test_megatron_tagged_norms_are_sequence_split_and_their_gradient_hooks_refused():
     ln = nn.LayerNorm(8)
     ln.weight.sequence_parallel = True
     ln.bias.sequence_parallel = True  # Megatron's tag: the norm runs on a sequence-split value (dim 0)
@@ -183,8 +183,8 @@ def test_torch_styles_are_read_off_their_hooks_and_where_ours_runs(rank, world_s
     def place(module, side, hook_id, hooked_value=None, tensor=X, **kw):
         return infer_placement(LocalValue("m", module, side, tensor, hook_id=hook_id, hooked=hooked_value, **kw), TP2)
 
-    pmi, early, late = hooked(PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None),
-                                                 use_local_output=True))
+    pmi, early, late = hooked(PrepareModuleInput(input_layouts=(Shard(1), None),
+                                                 desired_input_layouts=(Replicate(), None), use_local_output=True))
     args = ((X, torch.zeros(5, 8)), {})
     assert place(pmi, "input", early[0], args) == Placement(tp_dim=1)  # before: its input_layouts
     assert place(pmi, "input", late[0], args) == Placement()  # after: its desired_input_layouts, local

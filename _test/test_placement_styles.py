@@ -26,7 +26,6 @@ along the sequence), so a value assembled wrong cannot pass.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -251,7 +250,7 @@ def _torch_case(rank: int, make: Callable[[], nn.Module], plan: dict, specs: Lis
 def _torch_styles_body(rank: int, world_size: int) -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(3)
-    x, w, wv = torch.randn(B, T, D, generator=g), torch.randn(B, T, V, generator=g), torch.randn(B, T, V, generator=g)
+    x, wv = torch.randn(B, T, D, generator=g), torch.randn(B, T, V, generator=g)
     half = lambda t: t.chunk(2, 1)[rank]  # noqa: E731  this rank's half of the sequence
     for order in ("before", "after"):
         _torch_case(rank, Stack, stack_plan(), stack_specs(), order, x, wv, lambda t: t)
