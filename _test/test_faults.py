@@ -239,3 +239,22 @@ def test_hook_groups_under_pipeline_stages_run_the_same_collectives_everywhere(r
         flex.create_hook_group("none", "block9")
     assert time.monotonic() - start < LIMIT_S
     flex.restore()
+
+
+@multi_process(2, timeout=60)
+def test_an_edit_of_token_ids_under_dp_works_as_on_one_process(rank, world_size):
+    """Integer values carry no gradient: editing them sharded used to fail ("only Tensors of floating point
+    dtype can require gradients") while one process worked."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def shift(module, inputs, ctx, mods):
+        return (inputs + 1) % 61
+
+    idx = tokens()
+    mine = idx[rank * 2:(rank + 1) * 2]
+    ref = tiny_gpt()
+    ref.wte.register_forward_pre_hook(lambda m, args: ((args[0] + 1) % 61,))
+    want = ref(idx)[rank * 2:(rank + 1) * 2]
+    flex = FlexModel(DDP(tiny_gpt()), {})
+    flex.register_forward_pre_hook(HookFunction("wte", editing_function=shift))
+    torch.testing.assert_close(flex(mine), want, rtol=1e-5, atol=1e-5)

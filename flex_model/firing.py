@@ -478,7 +478,8 @@ def _edit_on_root(reg: Registration, rt: Runtime, stage: Stage, module: nn.Modul
     and ``(None, None)`` elsewhere. A failure is broadcast to the stage, so every rank raises."""
     if not stage.is_root:
         return None, None
-    track = torch.is_grad_enabled() and not reg.kind.is_grad
+    # Only floating point values carry gradients (token ids are edited without a graph).
+    track = torch.is_grad_enabled() and not reg.kind.is_grad and (full.is_floating_point() or full.is_complex())
     try:
         with torch.set_grad_enabled(track):
             leaf = full.detach().requires_grad_(track)
