@@ -93,8 +93,8 @@ def _titan_body(rank: int, world_size: int, tp: int, dp: int, sequence_parallel:
             flex = FlexModel(model, got, tensor_parallel_size=tp, data_parallel_size=dp)
         elif how == "nothing":
             flex = FlexModel(model, got)
-        else:  # torchtitan's own mesh over the data and tensor parallel ranks
-            flex = FlexModel(model, got, device_mesh=dims.get_mesh([n for n, k in (("fsdp", dp), ("tp", tp)) if k > 1]))
+        else:  # torchtitan's own mesh over the data and tensor parallel ranks ("fsdp" even of size 1)
+            flex = FlexModel(model, got, device_mesh=dims.get_mesh(["fsdp", "tp"] if tp > 1 else ["fsdp"]))
         assert (flex.layout.dp, flex.layout.tp, flex.layout.pp) == (dp, tp, 1), (how, flex.layout)
         register(flex, hooks)
 
