@@ -430,3 +430,92 @@ class ScatterEdit(torch.autograd.Function):
             grad_x = job.leaf.grad * job.grad_scale if job.leaf.grad is not None else torch.zeros_like(job.leaf)
             job.leaf.grad = None
         return scatter_from_root(job.stage, grad_x, job.placement, job.shapes, grad_local), None, None
+
+
+# == Activation dumps written in parallel (used by ``flex_model.activations``) ==================================
+# Each rank of a replica writes its own rows: a value every tensor-parallel rank holds whole needs no
+# communication (rank k keeps rows part k), a value split over tp on another dim is turned into a split over
+# rows by one all-to-all (the bytes of a gather, spread evenly over the ranks).
+_REDIST_INTS = 2 + MAX_DIMS + 3  # ndim, itemsize, shape (MAX_DIMS), tp_dim, row_dim, dtype code
+
+
+def row_parts(rows: int, parts: int) -> List[Tuple[int, int]]:
+    """``[start, stop)`` of each of ``parts`` near-equal consecutive parts of ``rows`` rows (the first
+    ``rows % parts`` parts one row longer), as ``torch.tensor_split`` cuts them."""
+    base, extra = divmod(rows, parts)
+    bounds = [0]
+    for k in range(parts):
+        bounds.append(bounds[-1] + base + (1 if k < extra else 0))
+    return [(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
+def redistribute_to_rows(stage: Optional[Stage], local: torch.Tensor, tp_dim: Optional[int],
+                         row_dim: int) -> torch.Tensor:
+    """This rank's part of the rows of a value split over ``stage``'s tensor-parallel ranks, at full width.
+
+    ``stage`` is one replica's tp ranks (``layout.replica``: dp 1, ranks in tp order; None for one rank).
+    The full value has ``local.shape[row_dim]`` rows (every rank holds all of them), cut by ``row_parts``
+    into one near-equal part per rank; rank k gets part k. ``tp_dim`` None: ``local`` is the same on every
+    rank (replicated) and rank k keeps ``local.narrow(row_dim, part k)``, with no communication. Otherwise
+    ``local`` is this rank's slice along ``tp_dim`` and one all-to-all sends rank k the rows of part k of
+    every slice, which it concatenates along ``tp_dim`` in tp order: each rank sends and receives
+    (tp - 1) / tp of its local bytes. Before it, a small all-gather of every rank's shape and dtype (so the
+    ranks agree on the sizes; disagreeing ranks raise a ValueError on every rank of the stage, before any
+    payload moves). The split case works on ``comm_device`` tensors and returns one; both collectives are
+    counted in ``stage.stats``."""
+    if stage is None or len(stage.ranks) == 1:
+        return local
+    n = len(stage.ranks)
+    if tp_dim is not None and tp_dim % local.ndim == row_dim % local.ndim:
+        raise ValueError(f"a value split over tensor parallel along its row dim {row_dim} is already split by "
+                         "rows; it needs no redistribution")
+    row_dim %= local.ndim
+    rows = local.shape[row_dim]
+    parts = row_parts(rows, n)
+    if tp_dim is None:
+        lo, hi = parts[stage.me]
+        return local.narrow(row_dim, lo, hi - lo)
+    tp_dim %= local.ndim
+    if local.ndim > MAX_DIMS:
+        raise ValueError(f"values have at most {MAX_DIMS} dims here, got {local.ndim}")
+    device = comm_device(stage.group)
+    x = local.detach().to(device).contiguous()
+    dtype_code = _REDIST_DTYPES.index(x.dtype) if x.dtype in _REDIST_DTYPES else -1
+    mine = torch.tensor([x.ndim, x.element_size(), *x.shape, *[0] * (MAX_DIMS - x.ndim), tp_dim, row_dim,
+                         dtype_code], dtype=torch.int64, device=device)
+    heads = [torch.empty_like(mine) for _ in range(n)]
+    dist.all_gather(heads, mine, group=stage.group)
+    head_bytes = mine.numel() * 8
+    stage.stats.count(head_bytes * (n - 1), head_bytes * (n - 1))
+    shapes = []
+    for head in heads:
+        values = [int(v) for v in head.cpu().tolist()]
+        ndim, itemsize = values[0], values[1]
+        shape = tuple(values[2:2 + ndim])
+        same_elsewhere = ndim == x.ndim and all(a == b for d, (a, b) in enumerate(zip(shape, x.shape)) if d != tp_dim)
+        if values[2 + MAX_DIMS:] != [tp_dim, row_dim, dtype_code] or itemsize != x.element_size() \
+                or not same_elsewhere:
+            described = {stage.ranks[i]: tuple(int(v) for v in h.cpu().tolist()[2:2 + int(h[0])])
+                         for i, h in enumerate(heads)}
+            raise ValueError(f"the tensor-parallel ranks {list(stage.ranks)} disagree on the value to "
+                             f"redistribute by rows (local shapes {described}, split dims / dtypes differ or "
+                             f"only dim {tp_dim} may differ)")
+        shapes.append(shape)
+    send = [x.narrow(row_dim, a, b - a).contiguous().reshape(-1).view(torch.uint8) for a, b in parts]
+    lo, hi = parts[stage.me]
+    in_shapes = [tuple(hi - lo if d == row_dim else s for d, s in enumerate(shape)) for shape in shapes]
+    in_sizes = [_numel(s) * x.element_size() for s in in_shapes]
+    out_sizes = [t.numel() for t in send]
+    received = torch.empty(sum(in_sizes), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(received, torch.cat(send), in_sizes, out_sizes, group=stage.group)
+    me = stage.me
+    stage.stats.count(sum(out_sizes) - out_sizes[me], sum(in_sizes) - in_sizes[me])
+    pieces, offset = [], 0
+    for shape, size in zip(in_shapes, in_sizes):
+        pieces.append(received[offset:offset + size].view(x.dtype).reshape(shape))
+        offset += size
+    return torch.cat(pieces, tp_dim)
+
+
+_REDIST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+                  torch.int16, torch.int8, torch.uint8, torch.bool)
