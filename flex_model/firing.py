@@ -92,6 +92,7 @@ class Registration:
     handle: Any = None
     capacity: int = 0
     scope: Scope = "global"
+    hook_id: Optional[int] = None  # the torch handle's id, kept as an int (torch.compile cannot trace handles)
     _prior_full_backward: Any = _UNSET  # the target's ``_is_full_backward_hook`` before we registered
 
     @property
@@ -299,6 +300,7 @@ def attach(reg: Registration, rt: Runtime, target: Any, module: nn.Module, param
         reg.handle = kind.register(target, lambda grad: fire_here(module, grad, None))
     else:
         reg.handle = kind.register(target, kind.adapt(fire_here))
+    reg.hook_id = reg.handle.id
 
 
 def fire(reg: Registration, rt: Runtime, module: nn.Module, value: Any, args: Any, param_name: str = "") -> Any:
@@ -329,7 +331,7 @@ def fire(reg: Registration, rt: Runtime, module: nn.Module, value: Any, args: An
         local, dtensor_dim, rewrap = to_local(leaf)
         seen = LocalValue(hook.module_name, module, kind.side, local, is_grad=kind.is_grad, param_name=param_name,
                           from_dtensor=is_dtensor(leaf), dtensor_tp_dim=dtensor_dim,
-                          hook_id=getattr(reg.handle, "id", None), hooked=value, leaf_index=hook.unpack_idx)
+                          hook_id=reg.hook_id, hooked=value, leaf_index=hook.unpack_idx)
         placement = infer_placement(seen, rt.layout, hook.expected_shape, dp=1 if replica else None)
         if shardwise:
             new = _edit_shardwise(reg, rt, module, local, placement, args)
