@@ -177,6 +177,7 @@ def test_ddp_two_ranks_write_in_parallel_and_resume(tmp_path):
     assert seen[0]["corrupt"].startswith(f"ShardCorrupted: rank 1 (replica 1, tp 0) refused to write to "
                                          f"{tmp_path / 'bad'}: ShardCorrupted: {bad} fails its sha256"), seen[0]
     on_disk = _check_matches_one_process(tmp_path / "whole", ranks=2)
+    print("bytes per rank:", on_disk)
     assert sorted(on_disk) == [0, 1]
     _assert_same_dump(tmp_path / "whole", tmp_path / "cut")
     _assert_same_dump(tmp_path / "whole", tmp_path / "ahead")
