@@ -8,12 +8,12 @@ from torch import nn
 from flex_model.collectives import HookFailure
 from flex_model.firing import Registration
 from flex_model.flex_model import FlexModel, HookHandle
-from flex_model.hook_function import EditingFunction, HookFunction, HookType, ShardInfo, ShardwiseEdit
+from flex_model.hook_function import EditingFunction, HookFunction, HookType, Scope, ShardInfo, ShardwiseEdit
 from flex_model.layout import FAIRSCALE_ORDER, MEGATRON_ORDER, ParallelLayout
 from flex_model.routing import Router, RouteActivation, RouteParameters
 from flex_model.ablation import Ablation, RunningMean
 from flex_model.expansion import Expanded, ExpandedUnits, Expansion, expand
-from flex_model.activations import ActivationReader, ShardCorrupted, dump_activations
+from flex_model.activations import ActivationDataset, ActivationReader, ShardCorrupted, dump_activations
 
 
 class DummyModule(nn.Module):
@@ -27,5 +27,5 @@ __all__ = ["FlexModel", "HookFunction", "HookHandle", "HookType", "Registration"
            "ShardwiseEdit", "ShardInfo", "ParallelLayout", "FAIRSCALE_ORDER", "MEGATRON_ORDER", "HookFailure",
            "Router", "RouteActivation", "RouteParameters", "Ablation", "RunningMean",
            "Expanded", "ExpandedUnits", "Expansion", "expand",
-           "dump_activations", "ActivationReader", "ShardCorrupted"]
+           "dump_activations", "ActivationReader", "ActivationDataset", "ShardCorrupted", "Scope"]
 __version__ = "0.2.0"
