@@ -21,6 +21,50 @@ AXES = ("dp", "pp", "tp")
 FAIRSCALE_ORDER = ("dp", "pp", "tp")
 MEGATRON_ORDER = ("pp", "dp", "tp")
 
+# What DeviceMesh dim names mean. Data parallel: every name a framework gives a data-parallel dim
+# (torchtitan: dp_replicate / dp_shard and their flattenings; FSDP2 / HSDP examples: replicate / shard / fsdp).
+DATA_DIMS = frozenset({"dp", "data", "data_parallel", "ddp", "fsdp", "hsdp", "replicate", "shard", "dp_replicate",
+                       "dp_shard", "dp_shard_cp", "dp_cp", "batch"})
+TENSOR_DIMS = frozenset({"tp", "tensor", "tensor_parallel"})
+PIPELINE_DIMS = frozenset({"pp", "pipeline", "pipeline_parallel"})
+# Dims flex_model knows and cannot place: why, for the error.
+UNSUPPORTED_DIMS = {
+    "cp": "context parallel splits the sequence across ranks, which flex_model does not gather",
+    "ep": "expert parallel puts different experts on different ranks, which flex_model does not gather",
+    "etp": "expert tensor parallel splits experts, which flex_model does not gather",
+}
+
+
+def mesh_dim_axes(names: Sequence[Optional[str]], sizes: Sequence[int],
+                  mesh_axes: Optional[Dict[str, str]] = None) -> List[Optional[str]]:
+    """The axis (``"dp"``, ``"tp"``, ``"pp"``) of each mesh dim, by its name or as ``mesh_axes`` says;
+    None for a dim of size 1 whose name means nothing here. Raises, naming the dim, on any other."""
+    mesh_axes = dict(mesh_axes or {})
+    bad = {k: v for k, v in mesh_axes.items() if v not in AXES}
+    if bad:
+        raise ValueError(f"mesh_axes maps mesh dim names to 'dp', 'tp' or 'pp'; got {bad}")
+    out: List[Optional[str]] = []
+    for name, size in zip(names, sizes):
+        if name in mesh_axes:
+            out.append(mesh_axes[name])
+        elif name in DATA_DIMS:
+            out.append("dp")
+        elif name in TENSOR_DIMS:
+            out.append("tp")
+        elif name in PIPELINE_DIMS:
+            out.append("pp")
+        elif size == 1:
+            out.append(None)  # a trivial dim splits nothing
+        else:
+            why = UNSUPPORTED_DIMS.get(name, "the name is not one flex_model knows (data parallel: "
+                                       f"{', '.join(sorted(DATA_DIMS))}; tensor parallel: "
+                                       f"{', '.join(sorted(TENSOR_DIMS))}; pipeline: {', '.join(sorted(PIPELINE_DIMS))})")
+            raise ValueError(
+                f"cannot place mesh dim {name!r} (size {size}) of the mesh {tuple(names)}: {why}. If the dim is "
+                f"data, tensor or pipeline parallel for this model, say so: mesh_axes={{{name!r}: 'dp'}} (or "
+                "'tp', 'pp'), given to FlexModel(..., mesh_axes=...)")
+    return out
+
 
 @dataclass
 class CommStats:
@@ -122,21 +166,56 @@ class ParallelLayout:
                    batch_dim=batch_dim, source=source)
 
     @classmethod
-    def from_device_mesh(cls, mesh, batch_dim: int = 0) -> "ParallelLayout":
-        """The layout of a ``DeviceMesh`` whose dim names are all among dp/pp/tp."""
+    def from_device_mesh(cls, mesh, batch_dim: int = 0, mesh_axes: Optional[Dict[str, str]] = None, *,
+                         rank: Optional[int] = None, source: Optional[str] = None) -> "ParallelLayout":
+        """The layout of a ``DeviceMesh``: each dim is data parallel (``dp``, ``fsdp``, ``dp_shard``,
+        ``replicate``, ... see ``DATA_DIMS``), ``tp`` or ``pp`` by its name, or as ``mesh_axes`` maps it
+        (``{"fsdp": "dp"}``); several dims of one axis merge into it (a 2-D replicate × shard mesh is one
+        dp, outer dim first). An unnamed dim, or a named one of unknown meaning and size > 1, is an error
+        naming it."""
         names = tuple(mesh.mesh_dim_names or ())
         if len(names) != mesh.ndim:
-            raise ValueError("the DeviceMesh needs mesh_dim_names, e.g. init_device_mesh('cpu', (2, 2), "
-                             "mesh_dim_names=('dp', 'tp'))")
-        unknown = [n for n in names if n not in AXES]
-        if unknown:
-            raise ValueError(f"mesh dims {unknown} are not among {AXES}; rename them")
-        sizes = dict(zip(names, mesh.mesh.shape))
-        order = names + tuple(a for a in AXES if a not in names)
-        ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
-        return cls(dp=sizes.get("dp", 1), pp=sizes.get("pp", 1), tp=sizes.get("tp", 1), order=order,
-                   ranks=ranks, rank=dist.get_rank(), batch_dim=batch_dim,
-                   source=f"DeviceMesh {names}")
+            raise ValueError(f"the DeviceMesh of shape {tuple(mesh.mesh.shape)} has no mesh_dim_names, so "
+                             "flex_model cannot tell its data, tensor and pipeline parallel dims apart; name "
+                             "them, e.g. init_device_mesh('cpu', (2, 2), mesh_dim_names=('dp', 'tp')), or pass "
+                             "the sizes (data_parallel_size=..., tensor_parallel_size=...)")
+        axes = mesh_dim_axes(names, tuple(mesh.mesh.shape), mesh_axes)
+        return cls.from_mesh(mesh.mesh, axes, rank=rank, batch_dim=batch_dim,
+                             source=source or f"DeviceMesh {names}")
+
+    @classmethod
+    def from_mesh(cls, ranks, axes: Sequence[Optional[str]], *, rank: Optional[int] = None, batch_dim: int = 0,
+                  source: str = "DeviceMesh") -> "ParallelLayout":
+        """The layout of a rank tensor (``DeviceMesh.mesh``) whose dim ``i`` belongs to axis ``axes[i]``
+        (``"dp"``, ``"pp"``, ``"tp"``; None for a dim of size 1 that means nothing here).
+
+        Dims of one axis merge into it, outer dim first. When they are not adjacent (e.g.
+        ``("dp_replicate", "tp", "dp_shard")``) the rank tensor is transposed so they are: the axes
+        keep the order of their first dims, which is the layout's ``order``."""
+        import torch
+
+        ranks = torch.as_tensor(ranks)
+        axes = tuple(axes)
+        if len(axes) != ranks.ndim:
+            raise ValueError(f"{len(axes)} axes {axes} for a mesh of {ranks.ndim} dims")
+        for i, axis in enumerate(axes):
+            if axis is None and ranks.shape[i] != 1:
+                raise ValueError(f"mesh dim {i} of size {ranks.shape[i]} has no axis")
+            if axis is not None and axis not in AXES:
+                raise ValueError(f"mesh dim {i}: axis {axis!r} is not among {AXES}")
+        order = tuple(dict.fromkeys(a for a in axes if a is not None))
+        perm = [i for axis in order for i in range(len(axes)) if axes[i] == axis]
+        perm += [i for i in range(len(axes)) if axes[i] is None]
+        sizes = {axis: 1 for axis in AXES}
+        for i, axis in enumerate(axes):
+            if axis is not None:
+                sizes[axis] *= int(ranks.shape[i])
+        flat = tuple(int(r) for r in ranks.permute(perm).flatten().tolist())
+        order += tuple(a for a in AXES if a not in order)
+        if rank is None:
+            rank = dist.get_rank()
+        return cls(dp=sizes["dp"], pp=sizes["pp"], tp=sizes["tp"], order=order, ranks=flat, rank=rank,
+                   batch_dim=batch_dim, source=source)
 
     # -- queries -------------------------------------------------------------
     @property
