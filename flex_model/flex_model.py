@@ -14,7 +14,6 @@ a user's own): ``register(hook_function, hook_type)``, ``storing(store)``,
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -26,10 +25,10 @@ from torch import nn
 
 from flex_model import collectives as C
 from flex_model.firing import HOOK_KINDS, Registration, Runtime, Store, attach
-from flex_model.frameworks import check_layout, choose_layout, uses_fsdp
+from flex_model.frameworks import choose_layout, uses_fsdp
 from flex_model.groups import ALL, HookGroups
 from flex_model.hook_function import SCOPES, EditingFunction, ExpectedShape, HookFunction, HookType, Scope
-from flex_model.layout import FAIRSCALE_ORDER, ParallelLayout
+from flex_model.layout import ParallelLayout
 from flex_model.names import NameResolver, unknown_name
 from flex_model.parameters import full_parameter
 from flex_model.pipeline import ship_to_owner
@@ -58,12 +57,18 @@ class FlexModel(nn.Module):
 
     Sizes describe how the wrapped group (``process_group``, default: the
     world) splits into data, pipeline and tensor parallel axes, in
-    ``parallel_order`` (fairscale's ``("dp", "pp", "tp")`` by default;
-    Megatron-LM uses ``("pp", "dp", "tp")``). Alternatively pass a
-    ``device_mesh`` with dims named dp/pp/tp, or a ready ``layout`` (the
-    wrapper builds its process groups on a copy of it). With all sizes 1 on
-    a multi-rank job, the layout is read off the model (fairscale state, a
-    DTensor mesh, DDP/FSDP = data parallel over the world).
+    ``parallel_order`` (outermost first; None: the framework's when one is
+    set up, else fairscale's ``("dp", "pp", "tp")``; Megatron-LM uses
+    ``("pp", "dp", "tp")``). Alternatively pass any ``device_mesh`` (its
+    data-parallel dims — dp, fsdp, dp_replicate, dp_shard, ... — merge into
+    dp; ``mesh_axes={"name": "dp"}`` places a dim of another name), or a
+    ready ``layout`` (the wrapper builds its process groups on a copy of it).
+    With nothing given on a multi-rank job, the layout is read off the model
+    and the framework state (FSDP2 and DTensor meshes, megatron-core,
+    fairscale, DDP / FSDP1), in ``flex_model.frameworks``; what was given is
+    checked against that state, on every rank. ``layout.source`` says where
+    the layout came from. ``dp_grad_mean`` None follows the framework's
+    gradient convention (mean, or sum for FSDP2 with a divide factor of 1).
 
     ``scope``: where a firing gathers (a HookFunction's own ``scope`` wins).
     ``"global"``: over the whole pipeline stage, every data-parallel replica's
@@ -91,9 +96,10 @@ class FlexModel(nn.Module):
     def __init__(self, module: nn.Module, output_dict: Dict[str, List[torch.Tensor]],
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
                  process_group: Optional[dist.ProcessGroup] = None, *, device_mesh: Any = None,
-                 layout: Optional[ParallelLayout] = None, parallel_order: Sequence[str] = FAIRSCALE_ORDER,
+                 layout: Optional[ParallelLayout] = None, parallel_order: Optional[Sequence[str]] = None,
                  batch_dim: int = 0, store: Store = "root", offload_to_cpu: bool = True,
-                 dp_grad_mean: bool = True, scope: Scope = "global") -> None:
+                 dp_grad_mean: Optional[bool] = None, mesh_axes: Optional[Dict[str, str]] = None,
+                 scope: Scope = "global") -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"FlexModel wraps an nn.Module, got {type(module).__name__}")
@@ -108,19 +114,15 @@ class FlexModel(nn.Module):
         self.output_dict = output_dict
         self.save_ctx = SimpleNamespace()
         self.process_group = process_group
-        if layout is not None:
-            layout = dataclasses.replace(layout)  # this wrapper's own groups
-        else:
-            layout = choose_layout(module, tp=tensor_parallel_size, pp=pipeline_parallel_size,
-                                   dp=data_parallel_size, group=process_group, mesh=device_mesh,
-                                   order=parallel_order, batch_dim=batch_dim)
-        if not layout.is_single:
-            check_layout(layout)
+        layout, grad_mean = choose_layout(module, tp=tensor_parallel_size, pp=pipeline_parallel_size,
+                                          dp=data_parallel_size, group=process_group, mesh=device_mesh,
+                                          mesh_axes=mesh_axes, order=parallel_order, batch_dim=batch_dim,
+                                          layout=layout, dp_grad_mean=dp_grad_mean)
         self.layout = layout.build_groups()
         if scope == "replica":
             self.layout.build_replica_groups()
         self._runtime = Runtime(self.layout, output_dict, self.save_ctx, self.trainable_modules,
-                                store=store, offload_to_cpu=offload_to_cpu, dp_grad_mean=dp_grad_mean)
+                                store=store, offload_to_cpu=offload_to_cpu, dp_grad_mean=grad_mean)
         self._groups = HookGroups()  # members: Registration records, in registration order
         self._names = NameResolver(module)
         self._restored = False
