@@ -257,7 +257,8 @@ def targets(rows: List[Dict[str, Any]]) -> List[Tuple[str, bool, str]]:
             out.append((f"global, tp={r['tp']} dp={r['dp']}, {r['hooks']}: busiest rank's bytes <= 1.05 x tensor",
                         ok, f"{r['recv_over_tensor']:.3f} x (needed "
                             f"{r['busiest_rank_needed_bytes_per_firing'] / t:.3f}, headers "
-                            f"{r['header_bytes_per_firing'] / t:.4f}, padding {r['padding_bytes_per_firing'] / t:.3f})"))
+                            f"{r['header_bytes_per_firing'] / t:.4f}, padding "
+                            f"{r['padding_bytes_per_firing'] / t:.3f})"))
     worst = max(r["firing_collectives_per_firing"] for r in caps)
     out.append(("one collective per firing for captures (at most)", worst <= 1.0 + 1e-9, f"max {worst:.3f}"))
     dumps = [r for r in rows if r["row"] == "dump" and r["scope"] == "replica"]
