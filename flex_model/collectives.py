@@ -36,7 +36,7 @@ through the stage's root (dp 0, tp 0):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -222,36 +222,43 @@ def _describe_code(code: Tuple[int, int, int]) -> str:
 
 def exchange(stage: Stage, local: Optional[torch.Tensor], placement: Optional[Placement],
              error: Optional[BaseException], device: torch.device, hook_name: str, *, send: bool,
-             everyone: bool, capacity: int) -> Tuple[List[Tuple[int, ...]], Optional[torch.Tensor], int]:
+             everyone: bool, capacity: Union[int, Sequence[int]]
+             ) -> Tuple[List[Tuple[int, ...]], Optional[torch.Tensor], List[int]]:
     """Every rank's header (shape, error status) to every rank and, with ``send``, its piece to the root
     (to every rank with ``everyone``), in one all-to-all.
 
     Returns ``(shapes, full, capacity)``: ``full`` is the assembled full tensor
-    on the root (on every rank with ``everyone``), else None. A chunk carries
-    ``capacity`` payload bytes; all ranks keep the same capacity (the largest
-    piece seen so far, in multiples of 8), so a firing costs one all-to-all,
-    and a second one only when a piece outgrows it. An error on any rank
+    on the root (on every rank with ``everyone``), else None. ``capacity`` is
+    the payload bytes each rank's chunk carries, per stage index (an int: the
+    same for all): every rank holds the same list — the largest piece each
+    rank sent so far, in multiples of 8, read off the headers every rank
+    sees — so a firing costs one all-to-all, a second one only when a piece
+    outgrows its chunk, and a rank with nothing to send (a replicated piece
+    taken from another rank) sends its header alone. An error on any rank
     raises on every rank: the original exception where it happened,
     ``HookFailure`` elsewhere.
     """
     if error is None and len(local.shape) > MAX_DIMS:
         error = ValueError(f"hook values have at most {MAX_DIMS} dims, got {local.ndim}")
     n, me = len(stage.ranks), stage.me
-    capacity = -(-capacity // 8) * 8  # chunk offsets stay aligned for any dtype
+    caps = [_align(c) for c in (capacity if not isinstance(capacity, int) else [capacity] * n)]
+    if len(caps) != n:
+        caps = [0] * n
     receives = [everyone or d == 0 for d in range(n)]  # who gets the pieces
     sends = send and error is None and is_source(stage, me, placement) and any(
         receives[d] for d in range(n) if d != me)
     payload = local.detach().contiguous().reshape(-1).view(torch.uint8) if sends else None
     nbytes = payload.numel() if sends else 0
-    status = FAILED if error else (OK if nbytes <= capacity else NO_PAYLOAD)
+    status = FAILED if error else (OK if nbytes <= caps[me] else NO_PAYLOAD)
     fingerprint = _fingerprint(local) if error is None and _replicated_over(stage, placement) else (0.0, 0.0)
     header = _header(status, () if error else tuple(local.shape), _describe(error), device, nbytes,
                      placement if error is None else None, fingerprint)
     head = header.numel() * 8
 
-    def all_to_all(head_bytes: int, cap: int, fill: bool) -> Tuple[torch.Tensor, List[int]]:
-        out_sizes = [head_bytes + (cap if receives[d] and d != me else 0) for d in range(n)]
-        in_sizes = [head_bytes + (cap if receives[me] and s != me else 0) for s in range(n)]
+    def all_to_all(head_bytes: int, caps: List[int], fill: bool) -> Tuple[torch.Tensor, List[int]]:
+        # Sizes agree pairwise: what I send d is my chunk; what I get from s is s's chunk (caps is shared).
+        out_sizes = [head_bytes + (caps[me] if receives[d] and d != me else 0) for d in range(n)]
+        in_sizes = [head_bytes + (caps[s] if receives[me] and s != me else 0) for s in range(n)]
         chunks = torch.empty(sum(out_sizes), dtype=torch.uint8, device=device)  # payload padding is never read
         offset = 0
         for size in out_sizes:
@@ -266,7 +273,7 @@ def exchange(stage: Stage, local: Optional[torch.Tensor], placement: Optional[Pl
         starts = [sum(in_sizes[:s]) for s in range(n)]
         return received, starts
 
-    received, starts = all_to_all(head, capacity, status == OK)
+    received, starts = all_to_all(head, caps, status == OK)
     parsed = [_parse(received[i:i + head].view(torch.int64)) for i in starts]
     failed = [(stage.ranks[i], h.text) for i, h in enumerate(parsed) if h.status == FAILED]
     if error is not None:
@@ -276,16 +283,21 @@ def exchange(stage: Stage, local: Optional[torch.Tensor], placement: Optional[Pl
     _check_consistent(stage, parsed, placement, hook_name)
     shapes = [h.shape for h in parsed]
     sizes = [h.nbytes for h in parsed]
-    if any(h.status == NO_PAYLOAD for h in parsed):  # a piece outgrew the chunks: resend at the new size
-        capacity = -(-max(sizes) // 8) * 8
-        received, starts = all_to_all(0, capacity, True)
+    grown = [max(c, _align(b)) for c, b in zip(caps, sizes)]
+    if any(h.status == NO_PAYLOAD for h in parsed):  # a piece outgrew its chunk: resend at the new sizes
+        received, starts = all_to_all(0, grown, True)
         head = 0
     if not send or not receives[me]:
-        return shapes, None, capacity
+        return shapes, None, grown
     pieces = {i: received[starts[i] + head:starts[i] + head + sizes[i]].view(local.dtype).reshape(shapes[i])
               for i in range(n) if i != me and is_source(stage, i, placement)}
     pieces[me] = local.detach()
-    return shapes, assemble(pieces, stage, placement), capacity
+    return shapes, assemble(pieces, stage, placement), grown
+
+
+def _align(nbytes: int) -> int:
+    """Chunk sizes in multiples of 8 bytes, so payload offsets stay aligned for any dtype."""
+    return -(-nbytes // 8) * 8
 
 
 def broadcast_status(stage: Stage, status: int, error: Optional[BaseException], device: torch.device,

@@ -82,15 +82,15 @@ class Registration:
 
     ``target`` is the module or parameter the torch hook sits on and
     ``handle`` its torch handle (both None while the target lives on another
-    pipeline stage); ``capacity`` the exchange slot size in bytes, the
-    largest piece this hook has sent so far (the same on every rank).
+    pipeline stage); ``capacity`` the exchange chunk size in bytes of each
+    stage rank, the largest piece it has sent so far (the same list on every rank).
     """
 
     hook: HookFunction
     kind: HookKind
     target: Any = None
     handle: Any = None
-    capacity: int = 0
+    capacity: List[int] = field(default_factory=list)  # per stage index; empty until the first exchange
     scope: Scope = "global"
     hook_id: Optional[int] = None  # the torch handle's id, kept as an int (torch.compile cannot trace handles)
     _prior_full_backward: Any = _UNSET  # the target's ``_is_full_backward_hook`` before we registered
