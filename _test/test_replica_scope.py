@@ -145,3 +145,117 @@ def test_a_replica_scope_failure_on_one_replica_raises_on_every_rank(rank, world
     with pytest.raises(KeyError if rank == 1 else HookFailure):
         flex(mine)
     assert time.monotonic() - start < 30
+
+
+def _fsdp1(model):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from _test.models import Block
+
+    return FSDP(model, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({Block}),
+                use_orig_params=True)
+
+
+@multi_process(2, timeout=120)
+def test_replica_scope_under_fsdp1(rank, world_size):
+    idx = tokens()
+    mine = idx[rank * 2:(rank + 1) * 2]
+    specs = replica_specs()
+    out_ref, seen, _ = _reference(tiny_gpt(), mine, specs)
+    got = {}
+    flex = FlexModel(_fsdp1(tiny_gpt()), got, scope="replica")
+    register(flex, specs)
+    out = flex(mine)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    (lm_loss_sum(out, mine) / (mine.numel() - mine.shape[0])).backward()
+    check_capture_dict(got, seen)
+    flex.restore()
+
+
+@multi_process(4, timeout=120)
+def test_replica_scope_under_dtensor_tp2_dp2(rank, world_size):
+    """A 2-D ("dp", "tp") mesh, the MLP colwise / rowwise on "tp": each replica gathers its two tp shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh.get_local_rank("dp")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(1))
+    mine = x[dp_rank * 2:(dp_rank + 1) * 2]
+    a = fixed(16, 16, seed=2)
+    specs = [HookSpec("forward", "0", lambda h: h @ a + h.flip(0)), HookSpec("forward", "2")]
+    with reference_hooks(ref, specs) as seen:
+        want = ref(mine)
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    got = {}
+    flex = FlexModel(model, got, device_mesh=mesh, scope="replica")
+    register(flex, specs)
+    torch.testing.assert_close(flex(mine), want, rtol=1e-5, atol=1e-6)
+    if mesh.get_local_rank("tp") == 0:
+        check_capture_dict(got, seen)
+    else:
+        assert got == {}
+    assert flex.comm_stats()["stage_collectives"] == 1  # the end-of-forward check only
+
+
+class _Stage(torch.nn.ModuleDict):
+    def forward(self, x):
+        for block in self.values():
+            x = block(x)
+        return x
+
+
+@multi_process(4, timeout=120)
+def test_replica_scope_with_pipeline_stages(rank, world_size):
+    """pp=2 x dp=2 (fairscale order: rank = dp * 2 + pp): each replica's stage-1 capture is shipped to that
+    replica's owner (its stage-0 rank), not to global rank 0."""
+    import torch.distributed as dist
+
+    dp_rank, pp_rank = divmod(rank, 2)
+    torch.manual_seed(0)
+    blocks = [torch.nn.Linear(4, 4) for _ in range(4)]
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(3))
+    mine = x[dp_rank * 2:(dp_rank + 1) * 2]
+    got = {}
+    stage = _Stage({f"b{i}": blocks[i] for i in ((0, 1) if pp_rank == 0 else (2, 3))})
+    flex = FlexModel(stage, got, pipeline_parallel_size=2, data_parallel_size=2, scope="replica")
+    flex.create_hook_group("late", "b3")
+    other = flex.layout.global_rank(dp_rank, 1 - pp_rank, 0)
+    with torch.no_grad():
+        if pp_rank == 0:
+            dist.send(flex(mine).contiguous(), dst=other)
+        else:
+            h = torch.empty(2, 4)
+            dist.recv(h, src=other)
+            flex(h)
+    flex.gather_pipeline_outputs()
+    if pp_rank == 0:  # this replica's owner
+        with torch.no_grad():
+            want = blocks[3](blocks[2](blocks[1](blocks[0](mine))))
+        torch.testing.assert_close(got["b3"][0], want)
+    else:
+        assert got == {}
+
+
+@multi_process(2, timeout=120)
+def test_trainable_modules_in_replica_scope_get_the_replicas_own_gradient(rank, world_size):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    idx = tokens()
+    mine = idx[rank * 2:(rank + 1) * 2]
+    torch.manual_seed(4)
+    probe = torch.nn.Linear(32, 32)
+    ref_probe = copy.deepcopy(probe)
+    ref = tiny_gpt()
+    ref.layers[0].mlp.register_forward_hook(lambda m, a, out: ref_probe(out))
+    (lm_loss_sum(ref(mine), mine) / (mine.numel() - mine.shape[0])).backward()
+    flex = FlexModel(DDP(tiny_gpt()), {}, scope="replica")
+    flex.register_trainable_module("probe", probe)
+    flex.register_forward_hook(HookFunction("layers.0.mlp", editing_function=lambda m, x, c, mods: mods["probe"](x)))
+    out = flex(mine)
+    (lm_loss_sum(out, mine) / (mine.numel() - mine.shape[0])).backward()
+    torch.testing.assert_close(probe.weight.grad, ref_probe.weight.grad, rtol=1e-5, atol=1e-6)
