@@ -30,6 +30,11 @@ Over tensor parallel, in this order:
      1/tp slice is split there; any other size is an error naming the
      module, the sizes and the fix (``expected_shape=``), never a guess.
 
+   - a module's own declaration, ``module._flex_tp_dim = {"output": d, "input": d}``
+     (``d`` a dim, or ``(dim, full size)`` to check the size too): the
+     ``flex_model.hook_points`` hook points declare the head dim of attention
+     values this way (``_declared_claim``).
+
    A module the model says nothing about is replicated, unless a sequence
    parallel part sits inside it (its values may be split on the sequence
    dim): then it cannot be told, and that is an error asking for
@@ -526,10 +531,26 @@ def sequence_parallel_inside(module: nn.Module) -> str:
     return ""
 
 
+def _declared_claim(value: LocalValue, pos: Position) -> Claim:
+    """What a module declares about its own first input / output: ``module._flex_tp_dim = {"output": dim or
+    (dim, full size or None), "input": ...}`` (hook points do; ``flex_model.hook_points``). With a full size,
+    the value is whole when it has it and split when it has a 1/tp slice of it."""
+    declared = getattr(value.module, "_flex_tp_dim", None)
+    if not isinstance(declared, dict) or pos != 0 or declared.get(value.side) is None:
+        return NOTHING
+    entry = declared[value.side]
+    dim, full = entry if isinstance(entry, tuple) else (entry, None)
+    source = f"{type(value.module).__name__}._flex_tp_dim"
+    if value.tensor.ndim == 0:
+        return NOTHING
+    dim %= value.tensor.ndim
+    return Claim(said=True, split=dim, sizes=((dim, int(full)),) if full else (), source=source)
+
+
 def claim_of(value: LocalValue, layout: ParallelLayout) -> Claim:
     """Everything the model says about a plain local value (its module, side and argument)."""
     pos = _position(value)
-    claim = _merge([c for c in (_hf_claim(value, pos), _torch_style_claim(value, pos),
+    claim = _merge([c for c in (_declared_claim(value, pos), _hf_claim(value, pos), _torch_style_claim(value, pos),
                                 _layer_claim(value, pos, layout.tp)) if c.known()])
     if claim.said or claim.doubt or claim.unsupported:
         return claim
