@@ -20,7 +20,8 @@ Per configuration every rank's ``FlexModel.comm_stats()`` is gathered to rank 0.
   least (the other source ranks' pieces: ``tensor x (S - 1) / S`` for S source ranks), and the rest is
   split into ``header_bytes_per_firing`` (every rank's fixed header to every other rank of the firing's
   group, plus the end-of-pass check of replica scope, amortised) and ``padding_bytes_per_firing``
-  (chunk bytes that carry nothing, see ``collectives.exchange``);
+  (what is left: chunk bytes that carry nothing; 0, since ``collectives.exchange`` sizes each rank's
+  chunk by that rank's own piece and a rank with no distinct piece sends its header alone);
 - ``payload_bytes_per_replica``: the bytes of one replica's full captured tensor per firing (from rank
   0's ``output_dict``), and ``tensor_bytes_per_firing``, the full tensor a firing assembles (the global
   batch in global scope, one replica's in replica scope);
