@@ -164,6 +164,7 @@ class FlexModel(nn.Module):
         self._check_alive()
         if not isinstance(hook, HookFunction):
             raise TypeError(f"expected a HookFunction, got {type(hook).__name__}")
+        hook_type = self._hook_point_state().prepare(hook.module_name, hook_type)  # aliases, hook points
         if any(r.hook is hook and r.hook_type == hook_type for r in self._groups.members()):
             raise ValueError(f"{hook!r} is already registered here as a {hook_type} hook; remove the first "
                              "registration's handle, or create a new HookFunction")
@@ -218,8 +219,68 @@ class FlexModel(nn.Module):
 
     def get_module(self, name: str) -> nn.Module:
         """The module named ``name`` as in the unwrapped model (wrapper prefixes optional); a ValueError
-        with the closest names if there is none."""
+        with the closest names if there is none. Hook points and aliases resolve too (an alias to the module
+        its value belongs to)."""
+        self._hook_point_state().prepare(name, "forward")
         return self._names.module(name)[1]
+
+    # -- hook points and standard names (flex_model.hook_points, docs/hook_points.md) --------------
+    def _hook_point_state(self) -> Any:
+        """This wrapper's ``hook_points.HookPoints`` (made on first use: it adds the aliases to the names)."""
+        state = self.__dict__.get("_hook_points_state")
+        if state is None:
+            from flex_model.hook_points import HookPoints
+
+            state = self._hook_points_state = HookPoints(self.module, self._names)
+        return state
+
+    def add_hook_points(self, eager: bool = False) -> List[str]:
+        """Install the attention hook points (``<attention>.q``, ``.k``, ``.v``, ``.scores``, ``.pattern``,
+        ``.z``) on every HuggingFace attention module now, so that group patterns match them too (a hook
+        on one by name installs them by itself); ``eager``: compute eager attention math in every pass,
+        hooked or not. ``restore()`` removes them. Returns their names."""
+        self._check_alive()
+        return self._hook_point_state().install(eager=eager)
+
+    def hook_point(self, module_name: str, name: str, fn: Any, index: int = 0, *,
+                   tp_dim: Optional[int] = None) -> str:
+        """A hook point ``f"{module_name}.{name}"`` on the result of the ``index``-th call (from 0) of the
+        torch function ``fn`` (or its name: ``"softmax"``, ``"matmul"`` also for ``@``, ``"add"`` also for
+        ``+``) in that module's own forward code (calls inside its submodules do not count; see
+        ``function_calls``). Every hook kind then works on that name. ``tp_dim``: the dim of the value
+        split over tensor parallel ranks, if any. Returns the name."""
+        self._check_alive()
+        return self._hook_point_state().add_intermediate(module_name, name, fn, index, tp_dim)
+
+    def function_calls(self, module_name: str, *example_args: Any, **example_kwargs: Any) -> Any:
+        """The torch function calls of ``module_name``'s own forward when the model runs on the example
+        input once (no hook fires, no gradients): name, index and shape of each, for ``hook_point``."""
+        self._check_alive()
+        return self._hook_point_state().function_calls(module_name, lambda: self._dry_run(example_args,
+                                                                                          example_kwargs))
+
+    def hook_points(self, *example_args: Any, **example_kwargs: Any) -> Any:
+        """Every name a hook can go on (modules, hook points, aliases) -> the full shape of its value's
+        first tensor for this input, from one dry run (no registered hook fires, no gradients; attention
+        hook points are installed for it if they were not). ``print()`` it for a tree."""
+        self._check_alive()
+        from flex_model.hook_points import full_shape
+
+        return self._hook_point_state().shapes(lambda: self._dry_run(example_args, example_kwargs),
+                                               lambda *a: full_shape(self.layout, *a))
+
+    def _dry_run(self, args: Any, kwargs: Any) -> Any:
+        previous, self._runtime.active = self._runtime.active, set()  # none of the registered hooks fires
+        try:
+            with torch.no_grad():
+                return self.module(*args, **kwargs)
+        finally:
+            self._runtime.active = previous
+
+    def aliases(self) -> Dict[str, str]:
+        """The standard names of this model (``blocks.0.resid_pre``, ...) -> what each stands for."""
+        state = self._hook_point_state()
+        return {n: self._names.display(n).split(" -> ", 1)[1] for n in state.resolver.alias_names()}
 
     @property
     def store(self) -> Store:
@@ -249,6 +310,8 @@ class FlexModel(nn.Module):
         hook_type = _hook_type(hook_type)
         names = self._names.parameter_names() if hook_type == "tensor" else self._names.module_names()
         matches = [n for n in names if n and _matches(n, group_constructor, regex)]
+        if not matches and hook_type != "tensor":  # then aliases, and attention hook points not installed yet
+            matches = self._hook_point_state().fallback_matches(lambda n: _matches(n, group_constructor, regex))
         if self.layout.pp > 1:  # the stages hold different modules: one collective for the union of matches
             matches = C.union_of_names(matches, self.process_group)
         if not matches:
@@ -392,6 +455,8 @@ class FlexModel(nn.Module):
         """A deep copy of the wrapped module with none of this wrapper's hooks (the user's own stay)."""
         memo: Dict[int, Any] = {}
         model = copy.deepcopy(self.module, memo)
+        if self.__dict__.get("_hook_points_state") is not None:  # attention implementation back, no points
+            self._hook_points_state.strip_copy(memo)
         for reg in self._groups.members():
             if reg.target is not None and id(reg.target) in memo:
                 reg.strip_from(memo[id(reg.target)])
@@ -404,6 +469,8 @@ class FlexModel(nn.Module):
         """Remove every hook this wrapper added, release its process groups, return the module."""
         for reg in self._groups.members():
             self._remove(reg)
+        if self.__dict__.get("_hook_points_state") is not None:  # hook points gone, attention as it was
+            self._hook_points_state.uninstall()
         if self._pass_end is not None:
             self._pass_end.remove()
         self.layout.release_groups()
@@ -421,7 +488,9 @@ class FlexModel(nn.Module):
         for reg in self._groups.members():
             tags = sorted(self._groups.tags(reg))
             edit = "edit" if reg.hook.editing_function is not None else "capture"
-            lines.append(f"  {reg.name:<40} {reg.hook_type:<18} {edit:<8} groups={tags}")
+            lines.append(f"  {self._names.display(reg.name):<40} {reg.hook_type:<18} {edit:<8} groups={tags}")
+        if self.__dict__.get("_hook_points_state") is not None and self._hook_points_state.summary():
+            lines.append(f"  hook points: {self._hook_points_state.summary()}")
         if self.trainable_modules:
             lines.append(f"  trainable modules: {self.trainable_modules_names}")
         return "\n".join(lines)
