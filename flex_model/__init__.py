@@ -14,6 +14,7 @@ from flex_model.routing import Router, RouteActivation, RouteParameters
 from flex_model.ablation import Ablation, RunningMean
 from flex_model.expansion import Expanded, ExpandedUnits, Expansion, expand
 from flex_model.activations import ActivationDataset, ActivationReader, ShardCorrupted, dump_activations
+from flex_model.cache import ActivationCache, run_with_cache
 
 
 class DummyModule(nn.Module):
@@ -27,5 +28,6 @@ __all__ = ["FlexModel", "HookFunction", "HookHandle", "HookType", "Registration"
            "ShardwiseEdit", "ShardInfo", "ParallelLayout", "FAIRSCALE_ORDER", "MEGATRON_ORDER", "HookFailure",
            "Router", "RouteActivation", "RouteParameters", "Ablation", "RunningMean",
            "Expanded", "ExpandedUnits", "Expansion", "expand",
-           "dump_activations", "ActivationReader", "ActivationDataset", "ShardCorrupted", "Scope"]
+           "dump_activations", "ActivationReader", "ActivationDataset", "ShardCorrupted", "Scope",
+           "run_with_cache", "ActivationCache"]
 __version__ = "0.2.0"

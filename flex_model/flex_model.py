@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
@@ -138,10 +139,14 @@ class FlexModel(nn.Module):
 
 
     # -- registration ------------------------------------------------------------
-    def register(self, hook_function: HookFunction, hook_type: HookType = "forward") -> HookHandle:
+    def register(self, hook_function: HookFunction, hook_type: HookType = "forward", *,
+                 store_as: Optional[str] = None) -> HookHandle:
         """Register ``hook_function`` as ``hook_type`` ("forward", "forward_pre", "full_backward",
-        "full_backward_pre" or "tensor"; also the 0.1.0 names "backward", "backward_pre")."""
-        return self._register(hook_function, _hook_type(hook_type))
+        "full_backward_pre" or "tensor"; also the 0.1.0 names "backward", "backward_pre").
+
+        ``store_as``: the ``output_dict`` key of this registration's captures (default: the module name),
+        e.g. to keep a tool's captures apart from the user's hooks on the same module."""
+        return self._register(hook_function, _hook_type(hook_type), store_as=store_as)
 
     def register_forward_hook(self, hook_function: HookFunction) -> HookHandle:
         return self._register(hook_function, "forward")
@@ -159,7 +164,8 @@ class FlexModel(nn.Module):
         """A tensor hook on the gradient of the parameter named ``hook_function.module_name``."""
         return self._register(hook_function, "tensor")
 
-    def _register(self, hook: HookFunction, hook_type: str, *, somewhere: bool = False) -> HookHandle:
+    def _register(self, hook: HookFunction, hook_type: str, *, somewhere: bool = False,
+                  store_as: Optional[str] = None) -> HookHandle:
         """``somewhere``: the name is known to exist on some pipeline stage (no collective to find out)."""
         self._check_alive()
         if not isinstance(hook, HookFunction):
@@ -171,7 +177,12 @@ class FlexModel(nn.Module):
         target = self._resolve(hook.module_name, hook_type, somewhere)
         if hook_type == "tensor" and uses_fsdp(self.module):
             raise ValueError(_FSDP_TENSOR_HOOK.format(name=hook.module_name))
-        reg = Registration(hook, HOOK_KINDS[hook_type], scope=hook.scope or self.scope)
+        if store_as is None:
+            reg = Registration(hook, HOOK_KINDS[hook_type], scope=hook.scope or self.scope)
+        elif isinstance(store_as, str) and store_as:
+            reg = _StoredAs(hook, HOOK_KINDS[hook_type], scope=hook.scope or self.scope, key=store_as)
+        else:
+            raise TypeError(f"store_as must be a non-empty string (an output_dict key), got {store_as!r}")
         if reg.scope == "replica":
             self.layout.build_replica_groups()  # collective, once: every rank registers the same hooks
         if target is not None:
@@ -398,6 +409,16 @@ class FlexModel(nn.Module):
                 ship_to_owner(self.layout, [(n, t) for n, t, s in outbox if s == scope], self.output_dict, scope)
         outbox.clear()
 
+    # -- research tools: flex_model.cache, flex_model.generation ----------------------------
+    def run_with_cache(self, *args: Any, names_filter: Any = None, groups: Union[str, Iterable[str]] = ALL,
+                       **kwargs: Any) -> Any:
+        """``(output, cache)``: one pass ``self(*args, groups=groups, **kwargs)`` with a capture hook, for
+        that call only, on every name ``names_filter`` selects (None: every module); ``cache[name]`` is the
+        full value. See ``flex_model.cache.run_with_cache`` for the other options."""
+        from flex_model.cache import run_with_cache
+
+        return run_with_cache(self, *args, names_filter=names_filter, groups=groups, **kwargs)
+
     def comm_stats(self, reset: bool = True) -> Dict[str, int]:
         """What this rank's firings communicated since the last call: ``firings``, ``collectives`` (those of
         flex_model's firings and end-of-pass checks, not the model's own), ``sent_bytes``, ``recv_bytes``,
@@ -497,6 +518,17 @@ class FlexModel(nn.Module):
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+@dataclass(eq=False)
+class _StoredAs(Registration):
+    """A registration whose captures go to ``output_dict[key]`` (``register(..., store_as=key)``)."""
+
+    key: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.key
 
 
 # FSDP1 and FSDP2 run forward on unsharded copies of the parameters and set the registered parameter's
