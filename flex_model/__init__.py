@@ -15,6 +15,7 @@ from flex_model.ablation import Ablation, RunningMean
 from flex_model.expansion import Expanded, ExpandedUnits, Expansion, expand
 from flex_model.activations import ActivationDataset, ActivationReader, ShardCorrupted, dump_activations
 from flex_model.cache import ActivationCache, run_with_cache
+from flex_model.patching import Sweep, patching_sweep
 
 
 class DummyModule(nn.Module):
@@ -29,5 +30,5 @@ __all__ = ["FlexModel", "HookFunction", "HookHandle", "HookType", "Registration"
            "Router", "RouteActivation", "RouteParameters", "Ablation", "RunningMean",
            "Expanded", "ExpandedUnits", "Expansion", "expand",
            "dump_activations", "ActivationReader", "ActivationDataset", "ShardCorrupted", "Scope",
-           "run_with_cache", "ActivationCache"]
+           "run_with_cache", "ActivationCache", "patching_sweep", "Sweep"]
 __version__ = "0.2.0"
