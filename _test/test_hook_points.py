@@ -3,7 +3,7 @@
 Every value is checked against the model itself: hidden states from ``output_hidden_states=True``, attention
 weights from an eager model's ``output_attentions=True``, head ablations against zeroed weights, gradients
 against ``torch.autograd.grad``. Tiny configs (2 layers, width 32) of every architecture that builds without
-downloads; TP=2 on two real gloo ranks at the end.
+downloads; TP=2 on two real gloo ranks at the end (a torch TP plan, and transformers' ``tp_plan="auto"``).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.testing import assert_close
 
-from _test.distributed import multi_process
-from _test.models import tiny_gpt
+from _test.distributed import multi_process, run_ranks
+from _test.models import save_hf_llama, tiny_gpt
 from flex_model import FlexModel, HookFunction
 from flex_model.hook_points import ATTENTION_IMPLEMENTATION, ATTENTION_POINTS, POINTS_ATTRIBUTE, HookPoint
 from flex_model.layout import ParallelLayout
@@ -426,3 +426,58 @@ def test_attention_points_tp2(rank, world_size):
     flex.restore()
     assert par.config._attn_implementation == "sdpa"
     dist.barrier()
+
+
+def _hf_tp_plan_body(rank: int, world_size: int, path: str) -> None:
+    """The same checks on transformers' own TP: ``from_pretrained(path, tp_plan="auto")`` at TP=2 (q/k/v colwise,
+    o_proj rowwise, each replaced forward HF's), wrapped with nothing passed."""
+    import warnings
+
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(1)
+    idx = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(3))
+    alone = [dist.new_group([r]) for r in range(world_size)][rank]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tp_plan.*deprecated", category=FutureWarning)
+        par = LlamaForCausalLM.from_pretrained(path, tp_plan="auto").eval()
+    ref_model = LlamaForCausalLM.from_pretrained(path).eval()
+    assert par.model.layers[0].self_attn.q_proj.weight.to_local().shape[0] == 16  # 2 of the 4 heads here
+    before = snapshot(par)
+
+    def head3(module, z, save_ctx, modules):
+        z = z.clone()
+        z[:, :, 3] = z[:, :, 3] * 2 + 1
+        return z
+
+    def hooks(flex):
+        flex.register(HookFunction("blocks.1.attn.z", editing_function=head3))
+        flex.register(HookFunction("blocks.1.attn.z"), "full_backward_pre")
+        flex.register(HookFunction("blocks.0.attn.pattern"))
+        flex.register(HookFunction("blocks.0.attn.v"))
+
+    want: Dict[str, List[torch.Tensor]] = {}
+    ref = FlexModel(ref_model, want, process_group=alone)
+    hooks(ref)
+    ref_logits = ref(idx).logits
+    ref_logits.pow(2).mean().backward()
+    got: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(par, got)
+    assert flex.layout.tp == 2
+    hooks(flex)
+    logits = flex(idx).logits
+    logits.pow(2).mean().backward()
+    assert_close(logits, ref_logits)
+    if rank == 0:
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert [g.shape for g in got[name]] == [w.shape for w in want[name]], name
+            for g, w in zip(got[name], want[name]):
+                assert_close(g, w, msg=lambda m, name=name: f"{name}: {m}")
+    flex.restore()
+    assert snapshot(par)[:3] == before[:3] and par.config._attn_implementation == "sdpa"
+
+
+def test_attention_points_hf_tp_plan_auto(tmp_path):
+    pytest.importorskip("accelerate")  # transformers refuses tp_plan loading without it
+    run_ranks(_hf_tp_plan_body, 2, save_hf_llama(str(tmp_path / "llama")), timeout=120)
