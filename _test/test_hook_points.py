@@ -279,6 +279,22 @@ def test_copy_without_hooks_is_the_plain_model():
     flex.restore()
 
 
+def test_points_under_generate_with_a_cache():
+    """HF generate with its KV cache: the same tokens; each decode step's pattern is (batch, heads, 1, keys):
+    Mistral's sliding-window cache (window 4) keeps 4 keys."""
+    model = build("mistral")
+    with torch.no_grad():
+        want = model.generate(IDS[:, :4], attention_mask=MASK[:, :4] * 0 + 1, max_new_tokens=3, do_sample=False)
+    out = {}
+    flex = FlexModel(model, out)
+    flex.register(HookFunction("blocks.1.attn.pattern"))
+    with torch.no_grad():
+        got = model.generate(IDS[:, :4], attention_mask=MASK[:, :4] * 0 + 1, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want)
+    assert [tuple(t.shape) for t in out["blocks.1.attn.pattern"]] == [(2, 4, 4, 4), (2, 4, 1, 4), (2, 4, 1, 4)]
+    flex.restore()
+
+
 def test_hook_point_on_a_functional_call():
     """flex.hook_point(module, name, fn, index): the index-th own call of fn in that module's forward (calls
     in submodules do not count); every hook kind works on it; restore() puts forward back."""

@@ -16,6 +16,7 @@ from flex_model.expansion import Expanded, ExpandedUnits, Expansion, expand
 from flex_model.activations import ActivationDataset, ActivationReader, ShardCorrupted, dump_activations
 from flex_model.cache import ActivationCache, run_with_cache
 from flex_model.patching import Sweep, patching_sweep
+from flex_model.generation import Generation, GenerationContext, StepCaptures, generate, generation_context
 
 
 class DummyModule(nn.Module):
@@ -30,5 +31,6 @@ __all__ = ["FlexModel", "HookFunction", "HookHandle", "HookType", "Registration"
            "Router", "RouteActivation", "RouteParameters", "Ablation", "RunningMean",
            "Expanded", "ExpandedUnits", "Expansion", "expand",
            "dump_activations", "ActivationReader", "ActivationDataset", "ShardCorrupted", "Scope",
-           "run_with_cache", "ActivationCache", "patching_sweep", "Sweep"]
+           "run_with_cache", "ActivationCache", "patching_sweep", "Sweep",
+           "generate", "Generation", "GenerationContext", "StepCaptures", "generation_context"]
 __version__ = "0.2.0"

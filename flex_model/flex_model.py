@@ -384,6 +384,14 @@ class FlexModel(nn.Module):
         return [r for h in hooks for r in self._registered(h)]
 
     # -- running ---------------------------------------------------------------------
+    def select_groups(self, groups: Union[str, Iterable[str]] = ALL, complement: bool = False) -> None:
+        """Choose the hooks that fire from now on, as ``forward(groups=, complement=)`` does, for passes that
+        call the wrapped module directly (e.g. HuggingFace ``generate``); hooks registered later fire only
+        once chosen again. The next ``forward`` chooses anew."""
+        self._check_alive()
+        everything = groups == ALL and not complement
+        self._runtime.active = None if everything else self._groups.select(groups, complement)
+
     def forward(self, *args: Any, groups: Union[str, Iterable[str]] = ALL, complement: bool = False,
                 **kwargs: Any) -> Any:
         """Run the wrapped module with the hooks of ``groups`` (or all others, with ``complement``).
@@ -418,6 +426,14 @@ class FlexModel(nn.Module):
         from flex_model.cache import run_with_cache
 
         return run_with_cache(self, *args, names_filter=names_filter, groups=groups, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """HuggingFace ``generate`` on the wrapped model with per-step hooks and captures (``hooks=``,
+        ``capture=``, ``steps=``); editing functions read ``save_ctx.generation``. See
+        ``flex_model.generation.generate``."""
+        from flex_model.generation import generate
+
+        return generate(self, *args, **kwargs)
 
     def comm_stats(self, reset: bool = True) -> Dict[str, int]:
         """What this rank's firings communicated since the last call: ``firings``, ``collectives`` (those of

@@ -479,6 +479,7 @@ class HookPoints:
         self.root, self.resolver = root, resolver
         self.attention: Dict[str, nn.Module] = {c: resolver.modules[c][1] for c in resolver.module_names()
                                                 if is_hf_attention(resolver.modules[c][1])}
+        self._attention_names = frozenset(self.attention_names())
         self.installed = False
         self._saved: List[Tuple[Any, Any]] = []  # (config, its _attn_implementation_internal before install)
         self.intermediates: Dict[str, Intermediate] = {}
@@ -505,7 +506,7 @@ class HookPoints:
     def _needs_attention(self, name: str) -> bool:
         alias = self.resolver.alias(name)
         target = alias.target if alias is not None else name
-        return not self.installed and target in set(self.attention_names())
+        return not self.installed and target in self._attention_names
 
     def prepare(self, name: str, hook_type: str) -> str:
         """Install what ``name`` needs; the hook type to register on its target (an alias names a value:
