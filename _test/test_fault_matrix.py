@@ -44,8 +44,9 @@ The full cross product, and hypothesis-drawn sequences of faults at random passe
 (see ``_test/conftest.py``).
 
 Also here: a rank that dies (``os._exit(1)``) mid-pass, with a runner of our own that gives
-the process group a timeout, and the known gaps as strict xfails (a dump whose loader
-raises on one rank; a hung rank under flex_model's own process groups).
+the process group a timeout; a dump whose loader raises on one rank; a hung rank under
+flex_model's own process groups (they take the job's timeout); and the known gap as a strict
+xfail (a dump whose ``run`` raises on one rank before its forward).
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def valid(layout: str, f: Fault) -> bool:
     if f.hook == "tensor" and (layout in FSDP_LAYOUTS or f.firing in ("route", "dump")):
         return False  # refused under FSDP; routing needs [batch, seq, units]; a dump takes module hooks
     if f.firing == "dump" and f.where != "unpack":
-        return False  # dump_activations takes no expected_shape; a loader failing on one rank hangs (xfail below)
+        return False  # dump_activations takes no expected_shape (a loader failing on one rank: tested below)
     if f.firing == "dump" and layout.startswith("pp") and stage_of(layout, f.rank) == 0 and f.hook in GRAD_HOOKS:
         return False  # stage 1 is done when stage 0's backward fails: it waits in the dump's next collective
         # (gather_pipeline_outputs): the same gap as a `run` raising on one rank (xfail below)
@@ -613,7 +614,8 @@ if st is not None:
         return layout, faults
 
     @pytest.mark.slow
-    @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=20, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
     @given(fault_sequences())
     def test_random_fault_sequences(drawn):
         """Faults one after another on one wrapper, each after 0-2 good passes (which rank, which pass, which
@@ -623,11 +625,13 @@ if st is not None:
 
 
 # -- known gaps, as strict xfails ---------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="dump_activations runs the loader and `run` with no agreement after "
-                   "them: when either raises on one rank, the others go on into the batch's collectives (the "
-                   "forward's, then gather_pipeline_outputs / the shard flush) and wait there until the process "
-                   "group times out (30 min by default)")
-@pytest.mark.parametrize("broken", ["loader", pytest.param("run", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("broken", [
+    "loader",  # every batch is agreed on by every rank before any runs it (activations._agreed)
+    pytest.param("run", marks=[pytest.mark.slow, pytest.mark.xfail(
+        strict=True, reason="a `run` that raises on one rank before its forward leaves the others inside the "
+        "forward's collectives (the model's, and the hooks' exchanges), waiting until the process group times "
+        "out: nothing can agree with a rank that is not in the collective")]),
+])
 def test_a_dump_whose_loader_or_run_raises_on_one_rank(broken):
     # A strict xfail costs its whole timeout: 15 s is the ranks' start plus far more than a fixed dump needs.
     run_ranks(_dump_loader_body, 2, broken, timeout=15)
@@ -663,10 +667,6 @@ def _dump_loader_body(rank: int, world_size: int, broken: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline stages: a capture a non-owner stage root stored before its pass "
-                   "failed stays in the runtime's outbox; clear_output_dict() does not drop it, so the next "
-                   "gather_pipeline_outputs() ships it with the next pass's captures (one process: the next "
-                   "pass's captures only)")
 @multi_process(2, timeout=60)
 def test_a_failed_pass_on_a_later_stage_leaves_no_capture_behind(rank, world_size):
     """pp=2: the editing function on stage 1's root (rank 1) raises after its capture was queued for the owner;
@@ -818,10 +818,6 @@ def _hung_body(rank: int, world_size: int, hang_s: float) -> str:
     return "returned"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="flex_model's process groups (layout.build_groups: dist.new_group without timeout=) "
-                   "get torch's 30 min default, not the timeout the job gave init_process_group: a hung "
-                   "peer is waited for far past it")
 def test_a_hung_rank_times_out_with_the_process_group_timeout():
     hang_s, pg_timeout_s = 12.0, 5.0
     reports = run_with_pg_timeout(_hung_body, 2, hang_s, pg_timeout_s=pg_timeout_s, wall_s=hang_s + 20)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -51,7 +52,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from flex_model.collectives import all_reduce_, broadcast_int, redistribute_to_rows, row_parts
+from flex_model.collectives import (all_reduce_, broadcast_int, gather_objects, gather_status, redistribute_to_rows,
+                                    row_parts)
 from flex_model.firing import HOOK_KINDS
 from flex_model.flex_model import FlexModel
 from flex_model.hook_function import SCOPES, HookFunction, ShardInfo, ShardwiseEdit
@@ -156,7 +158,7 @@ def dump_activations(flex: FlexModel, loader: Iterable, out_dir: Union[str, os.P
         pending: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
         bar = tqdm(loader, desc=f"dump → {out}", unit="batch", disable=not (is_owner and progress))
         meter = _Throughput(bar)
-        batches = iter(bar)
+        batches = _agreed(flex, iter(bar))
         skipped = sum(1 for _ in zip(range(done), batches))  # drawn from the loader, not run
         if done:
             _check_loader_length(flex, out, done, skipped)
@@ -272,6 +274,44 @@ def _raise_everywhere(flex: FlexModel, error: Optional[BaseException], doing: st
     if is_owner:
         raise error  # type: ignore[misc]
     raise _KINDS[kind - 1](f"the owner rank {layout.owner} {doing}: {text}")
+
+
+_HAVE, _DONE, _FAILED = 1, 2, 3
+
+
+def _agreed(flex: FlexModel, batches: Iterator[Any]) -> Iterator[Any]:
+    """``batches``, each one drawn on every rank before any rank runs it: the ranks agree (one small
+    all-reduce) that each has a batch, or that all ran out, before the batch's collectives; a loader that
+    raises, or runs out early, on one rank is an error on every rank instead of a hang."""
+    if flex.layout.is_single:
+        yield from batches
+        return
+    group = flex.process_group
+    for index in itertools.count():
+        batch, error = None, None
+        try:
+            batch, code = next(batches), _HAVE
+        except StopIteration:
+            code = _DONE
+        except Exception as e:  # the user's loader
+            error, code = e, _FAILED
+        codes = gather_status(code, group)
+        ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+        if _FAILED in codes:
+            texts = gather_objects("" if error is None else f"{type(error).__name__}: {error}", group)
+            if error is not None:
+                raise error
+            bad = codes.index(_FAILED)
+            raise RuntimeError(f"the loader of rank {ranks[bad]} raised at batch {index}: {texts[bad]}; every "
+                               "rank stops the dump")
+        if len(set(codes)) > 1:
+            short = [r for r, c in zip(ranks, codes) if c == _DONE]
+            raise ValueError(f"the ranks' loaders give different numbers of batches: ranks {short} ran out after "
+                             f"{index} batches while the others gave more; give every rank a loader of the same "
+                             "length (e.g. a DistributedSampler with drop_last=True)")
+        if code == _DONE:
+            return
+        yield batch
 
 
 def _check_loader_length(flex: FlexModel, out: Path, done: int, drawn: int) -> None:
@@ -671,7 +711,7 @@ def _dump_parallel(flex: FlexModel, loader: Iterable, out: Path, names: List[str
         rows: List[int] = []  # the replica's rows in each pending batch
         bar = tqdm(loader, desc=f"dump → {out}", unit="batch", disable=not (is_owner and progress))
         meter = _Throughput(bar)
-        batches = iter(bar)
+        batches = _agreed(flex, iter(bar))
         skipped = sum(1 for _ in zip(range(done), batches))  # drawn from the loader, not run
         if done:
             _check_loader_length(flex, out, done, skipped)

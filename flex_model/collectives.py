@@ -88,11 +88,25 @@ def all_reduce_(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
     return tensor
 
 
+def gather_objects(obj: object, group: Optional[dist.ProcessGroup] = None) -> List[object]:
+    """Every rank's picklable ``obj``, in group rank order, on every rank (one object all-gather)."""
+    everyone: List[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, obj, group=group)
+    return everyone
+
+
 def union_of_names(names: Sequence[str], group: Optional[dist.ProcessGroup] = None) -> List[str]:
     """The sorted union of every rank's ``names`` (one object all-gather), the same on every rank."""
-    everyone: List[Optional[List[str]]] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, list(names), group=group)
-    return sorted({n for names_of_rank in everyone for n in names_of_rank})
+    return sorted({n for names_of_rank in gather_objects(list(names), group) for n in names_of_rank})
+
+
+def gather_status(code: int, group: Optional[dist.ProcessGroup] = None) -> List[int]:
+    """Every rank's small non-negative status ``code``, in group rank order, on every rank (one all-reduce
+    of a vector with one slot per rank)."""
+    t = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=comm_device(group))
+    t[dist.get_rank(group)] = code
+    dist.all_reduce(t, group=group)
+    return [int(v) for v in t.tolist()]
 
 
 def is_source(stage: Stage, index: int, placement: Placement) -> bool:

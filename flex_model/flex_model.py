@@ -137,7 +137,6 @@ class FlexModel(nn.Module):
                for r in self._groups.members()):  # the same on every rank of the stage
             self._runtime.agree("forward pass")
 
-
     # -- registration ------------------------------------------------------------
     def register(self, hook_function: HookFunction, hook_type: HookType = "forward", *,
                  store_as: Optional[str] = None) -> HookHandle:
@@ -456,7 +455,11 @@ class FlexModel(nn.Module):
         return out
 
     def clear_output_dict(self) -> None:
+        """Drop every capture: those in ``output_dict``, and those a pipeline stage root still holds for
+        the owner (e.g. from a pass that failed before ``gather_pipeline_outputs``)."""
+        self._runtime.sync()  # host copies in flight land first, then go with the rest
         self.output_dict.clear()
+        self._runtime.outbox.clear()
 
     # -- modules and parameters ---------------------------------------------------
     def register_trainable_module(self, name: str, module: nn.Module) -> None:

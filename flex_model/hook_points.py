@@ -41,8 +41,8 @@ import inspect
 import linecache
 import re
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +149,9 @@ def _eager(module: nn.Module, p: Optional[Dict[str, HookPoint]], query: torch.Te
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     q_len, k_len = scores.shape[-2], scores.shape[-1]
-    if mask is None and q_len > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True)):
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal  # as HF's SDPA function reads it
+    if mask is None and q_len > 1 and causal:
         # a mask built for SDPA's is_causal path (None): causal, aligned to the last key
         mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
     if mask is not None:
@@ -431,7 +433,8 @@ def standard_aliases(resolver: NameResolver) -> List[Alias]:
             out.append(Alias(alias, canon_of[id(module)], side, doc))
 
     emb = top.get_input_embeddings() if hasattr(top, "get_input_embeddings") else None
-    add("embed", emb if isinstance(emb, nn.Module) else None, "output", "token embeddings (the embedding module's output)")
+    add("embed", emb if isinstance(emb, nn.Module) else None, "output",
+        "token embeddings (the embedding module's output)")
     for key, block in blocks._modules.items():
         b = f"blocks.{key}"
         add(f"{b}.resid_pre", block, "input", "residual stream into the block (batch, seq, hidden)")
@@ -648,7 +651,8 @@ class HookPoints:
             parts.append(f"attention ({', '.join(ATTENTION_POINTS)}) on {len(self.attention)} modules, "
                          f"implementation {ATTENTION_IMPLEMENTATION!r}")
         if self.intermediates:
-            parts.append("intermediates " + ", ".join(f"{n} = {i.fn}[{i.index}]" for n, i in self.intermediates.items()))
+            parts.append("intermediates " + ", ".join(f"{n} = {i.fn}[{i.index}]"
+                                                      for n, i in self.intermediates.items()))
         return "; ".join(parts)
 
     # -- the dry run ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ names. How a layout is read off a framework lives in ``flex_model.frameworks``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
@@ -319,7 +320,8 @@ class ParallelLayout:
     def _new_group(self, ranks: List[int]) -> Optional[dist.ProcessGroup]:
         if len(ranks) == 1:
             return None
-        group = dist.new_group(ranks)  # every rank of the default group calls this, members or not
+        # Every rank of the default group calls this, members or not; the group waits as long as the job's.
+        group = dist.new_group(ranks, timeout=_job_timeout())
         if self.rank not in ranks:
             return None
         self._created.append(group)
@@ -331,3 +333,17 @@ class ParallelLayout:
             dist.destroy_process_group(group)
         self._created.clear()
         self.stage = self.roots = self.replica = self.replica_roots = None
+
+
+def _job_timeout() -> Optional["timedelta"]:
+    """The timeout the job gave ``init_process_group`` (read off the default group's backend), so that a
+    hung peer fails our groups' collectives as soon as the job's own; None (torch's default) if unknown."""
+    import torch
+
+    group = dist.group.WORLD
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except (AttributeError, RuntimeError, ValueError):
+            continue
+    return None
