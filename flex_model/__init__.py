@@ -15,6 +15,7 @@ from flex_model.ablation import Ablation, RunningMean
 from flex_model.expansion import Expanded, ExpandedUnits, Expansion, expand
 from flex_model.activations import ActivationDataset, ActivationReader, ShardCorrupted, dump_activations
 from flex_model.cache import ActivationCache, run_with_cache
+from flex_model.hook_points import HookPoint
 from flex_model.patching import Sweep, patching_sweep
 from flex_model.generation import Generation, GenerationContext, StepCaptures, generate, generation_context
 
@@ -30,7 +31,7 @@ __all__ = ["FlexModel", "HookFunction", "HookHandle", "HookType", "Registration"
            "ShardwiseEdit", "ShardInfo", "ParallelLayout", "FAIRSCALE_ORDER", "MEGATRON_ORDER", "HookFailure",
            "Router", "RouteActivation", "RouteParameters", "Ablation", "RunningMean",
            "Expanded", "ExpandedUnits", "Expansion", "expand",
-           "dump_activations", "ActivationReader", "ActivationDataset", "ShardCorrupted", "Scope",
+           "dump_activations", "ActivationReader", "ActivationDataset", "ShardCorrupted", "Scope", "HookPoint",
            "run_with_cache", "ActivationCache", "patching_sweep", "Sweep",
            "generate", "Generation", "GenerationContext", "StepCaptures", "generation_context"]
 __version__ = "0.2.0"
