@@ -7,9 +7,13 @@ hooks fire in that pass (and in its backward). ``restore()`` removes every
 hook the wrapper added, releases its process groups and returns the module
 exactly as it was.
 
-The public surface extensions build on (``activations``, ``expansion``, and
-a user's own): ``register(hook_function, hook_type)``, ``storing(store)``,
-``get_module(name)``, ``registrations()`` and ``copy_without_hooks()``.
+The public surface extensions build on (``activations``, ``expansion``,
+``cache``, ``patching``, ``generation`` and a user's own):
+``register(hook_function, hook_type)``, ``remove_hook``, ``storing(store)``,
+``get_module(name)``, ``registrations()``, ``select_groups``,
+``comm_stats()`` and ``copy_without_hooks()``. Hook points inside modules
+and standard aliases are ``flex_model.hook_points``' (``add_hook_points``,
+``hook_point``, ``hook_points``, ``aliases``).
 """
 from __future__ import annotations
 
