@@ -16,7 +16,7 @@ was, and the user's own hooks (edits, captures) fire as usual in the pass —
 the cache holds what flowed out of each module, after the user's edits of
 that module. Built only on ``FlexModel``'s public surface: ``register``
 (with ``store_as``), ``update_hook_groups``, ``storing``,
-``wrapped_module_names``, ``aliases``, ``gather_pipeline_outputs``.
+``wrapped_module_names``, ``aliases``. One pipeline stage (no pipeline parallelism).
 """
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ class Recorder:
         self.hook_type, self.unpack_idx = hook_type, unpack_idx
         self.scope = scope or flex.scope
         self.expected_shapes = expected_shapes
-        self.tag = f"_recorder{next(_RECORDERS)}"
-        self.keys = {n: f"{n}#{self.tag}" for n in self.names}
+        self.tag = f"capture#{next(_RECORDERS)}"
+        self.keys = {n: key_for(n, self.tag) for n in self.names}
         self._start_attached = attached
         self._handles: List[HookHandle] = []
         self._stack: Optional[ExitStack] = None
@@ -141,6 +141,12 @@ class Recorder:
         return self.store == "all" or layout.rank == owner
 
     def __enter__(self) -> "Recorder":
+        if self.flex.layout.pp > 1:
+            raise NotImplementedError(
+                "the research tools (run_with_cache, patching_sweep, generate) run on one pipeline stage: the "
+                "later stages' captures reach the owner only once every stage has run its part of the pass "
+                "(gather_pipeline_outputs), which one call on each rank cannot wait for; register capture hooks "
+                "and call flex.gather_pipeline_outputs() after the pipeline's pass instead")
         self._stack = ExitStack()
         if self.flex.store == "none":  # nothing of the user's hooks may stay: lengths now, cut back at the end
             self._before = {k: len(v) for k, v in self.flex.output_dict.items()}
@@ -184,10 +190,7 @@ class Recorder:
         return ([groups] if isinstance(groups, str) else list(groups)) + [self.tag]
 
     def take(self) -> Dict[str, List[torch.Tensor]]:
-        """What was captured since the last ``take`` (name → one tensor per firing, in firing order); under
-        pipeline parallelism the stages' captures are shipped to the owner first (collective)."""
-        if self.flex.layout.pp > 1:
-            self.flex.gather_pipeline_outputs()
+        """What was captured since the last ``take`` (name → one tensor per firing, in firing order)."""
         output_dict = self.flex.output_dict
         return {n: output_dict.pop(k) for n, k in self.keys.items() if output_dict.get(k)}
 
@@ -208,10 +211,15 @@ class Recorder:
             self._before = None
 
 
+def key_for(name: str, tool: str) -> str:
+    """The ``output_dict`` key a tool's hook on ``name`` stores under: ``"<name> (<tool>)"`` (errors name it)."""
+    return f"{name} ({tool})"
+
+
 def note_on_failure(error: BaseException, what: str) -> None:
     """Add a hint for a capture that cannot be placed (under tensor parallelism)."""
     text = str(error)
-    m = re.search(r'hook "([^"]+)"', text)
+    m = re.search(r'hook "([^"]+?)(?: \([\w#]+\))?"', text)
     if m and ("expected_shape" in text or "cannot" in text):
         name = m.group(1)
         error.add_note(f'{what}: leave "{name}" out (names_filter=...) or give its full shape, e.g. '

@@ -205,7 +205,7 @@ class _Steps:
         self.steps = None if steps is None else set(int(s) for s in steps)
         self.step, self.prompt_length = -1, 0
         self.by_step: Dict[int, Dict[str, List[torch.Tensor]]] = {}
-        self.tag = f"_generate{next(_CALLS)}"
+        self.tag = f"generate#{next(_CALLS)}"
         self._handles: List[HookHandle] = []
         self._captured_step: Optional[int] = None
 
@@ -268,6 +268,9 @@ def generate(flex: FlexModel, *args: Any, hooks: Union[HookSpec, Sequence[HookSp
     ``complement``: which of the wrapper's other hooks fire on every step (as in ``forward``; that choice
     stays in force afterwards, see ``select_groups``). Editing functions read ``save_ctx.generation`` (a
     ``GenerationContext``). Call on every rank alike."""
+    if flex.layout.pp > 1:
+        raise NotImplementedError("flex.generate runs on one pipeline stage (HuggingFace generate calls the whole "
+                                  "model on every rank)")
     model = generating_module(flex.module)
     hook_specs = _hook_specs(hooks)
     names = select_names(flex, capture) if capture is not None else []

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from flex_model import collectives as C
-from flex_model.cache import ActivationCache, NamesFilter, note_on_failure, select_names
+from flex_model.cache import ActivationCache, NamesFilter, key_for, note_on_failure, select_names
 from flex_model.flex_model import FlexModel
 from flex_model.hook_function import HookFunction, Scope
 from flex_model.tree import tensor_leaves
@@ -315,7 +315,7 @@ def _clean_value(cache: ActivationCache, name: str) -> Optional[torch.Tensor]:
 def _patched(flex: FlexModel, name: str, patch: _Patch, unpack_idx: int, scope: Scope, inputs: Inputs) -> Any:
     """One pass of ``inputs`` with the patch on ``name`` (after the wrapper's own hooks there); what the
     patch's hook captures (under a key of its own) is dropped."""
-    key = f"{name}#patching_sweep"
+    key = key_for(name, "patching_sweep")
     handle = flex.register(HookFunction(name, editing_function=patch, unpack_idx=unpack_idx, scope=scope), "forward",
                            store_as=key)
     try:
