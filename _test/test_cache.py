@@ -205,3 +205,20 @@ def test_cache_fairscale_tp2_against_one_process(rank, world_size):
     assert_close(everywhere.stack("up"), torch.stack([want[f"layers.{i}.mlp.up"][0] for i in range(2)]))
     flex.restore()
     fs.destroy_model_parallel()
+
+
+def test_store_as_keeps_a_registrations_captures_apart():
+    """The public addition the cache stands on: two hooks on one module, one keeping its captures elsewhere."""
+    model = tiny_gpt()
+    output_dict: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(model, output_dict)
+    flex.register(HookFunction("layers.0", editing_function=lambda m, v, ctx, mods: v * 2))
+    flex.register(HookFunction("layers.0"), store_as="after the edit")
+    with pytest.raises(TypeError, match="store_as"):
+        flex.register(HookFunction("layers.1"), store_as="")
+    with torch.no_grad():
+        flex(tokens(B, T))
+    assert sorted(output_dict) == ["after the edit", "layers.0"]
+    assert_close(output_dict["after the edit"][0], 2 * output_dict["layers.0"][0])
+    assert "after the edit" in flex.describe()
+    flex.restore()
