@@ -79,6 +79,7 @@ def test_steering_from_step_3_against_plain_hooks():
 
     def watch(module, x, save_ctx, modules):  # the user's own hook: fires on every step
         g = generation_context(save_ctx)
+        assert isinstance(g, GenerationContext) and g.is_prefill == (g.step == 0)
         seen.append((g.step, g.positions, g.selected, x.shape[1]))
 
     output_dict: Dict[str, List[torch.Tensor]] = {}
