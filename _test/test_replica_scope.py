@@ -259,3 +259,26 @@ def test_trainable_modules_in_replica_scope_get_the_replicas_own_gradient(rank, 
     out = flex(mine)
     (lm_loss_sum(out, mine) / (mine.numel() - mine.shape[0])).backward()
     torch.testing.assert_close(probe.weight.grad, ref_probe.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+@multi_process(2, timeout=120)
+def test_replica_scope_under_fsdp2(rank, world_size):
+    from torch.distributed.fsdp import fully_shard
+
+    idx = tokens()
+    mine = idx[rank * 2:(rank + 1) * 2]
+    specs = replica_specs()
+    out_ref, seen, _ = _reference(tiny_gpt(), mine, specs)
+    model = tiny_gpt()
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    got = {}
+    flex = FlexModel(model, got, scope="replica")
+    register(flex, specs)
+    out = flex(mine)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    (lm_loss_sum(out, mine) / (mine.numel() - mine.shape[0])).backward()
+    check_capture_dict(got, seen)
+    assert flex.comm_stats()["replica_collectives"] == 0
+    flex.restore()
