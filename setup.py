@@ -11,7 +11,7 @@ def requirements(name: str) -> list:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-extras = {name: requirements(f"{name}.txt") for name in ("test", "examples", "docs")}
+extras = {name: requirements(f"{name}.txt") for name in ("test", "examples", "docs", "benchmarks")}
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 
 setup(
