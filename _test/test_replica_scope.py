@@ -157,20 +157,34 @@ def _fsdp1(model):
                 use_orig_params=True)
 
 
-@multi_process(2, timeout=120)
-def test_replica_scope_under_fsdp1(rank, world_size):
+def _fsdp2(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def _fsdp_body(rank: int, world_size: int, wrap) -> None:
+    """A sharded-data-parallel model in replica scope: each rank's captures and edits are its own slice's."""
     idx = tokens()
     mine = idx[rank * 2:(rank + 1) * 2]
     specs = replica_specs()
     out_ref, seen, _ = _reference(tiny_gpt(), mine, specs)
     got = {}
-    flex = FlexModel(_fsdp1(tiny_gpt()), got, scope="replica")
+    flex = FlexModel(wrap(tiny_gpt()), got, scope="replica")
     register(flex, specs)
     out = flex(mine)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
     (lm_loss_sum(out, mine) / (mine.numel() - mine.shape[0])).backward()
     check_capture_dict(got, seen)
+    assert flex.comm_stats()["replica_collectives"] == 0
     flex.restore()
+
+
+@pytest.mark.parametrize("wrap", [_fsdp1, _fsdp2], ids=["fsdp1", "fsdp2"])
+def test_replica_scope_under_fsdp(wrap):
+    run_ranks(_fsdp_body, 2, wrap, timeout=120)
 
 
 @multi_process(4, timeout=120)
@@ -259,26 +273,3 @@ def test_trainable_modules_in_replica_scope_get_the_replicas_own_gradient(rank, 
     out = flex(mine)
     (lm_loss_sum(out, mine) / (mine.numel() - mine.shape[0])).backward()
     torch.testing.assert_close(probe.weight.grad, ref_probe.weight.grad, rtol=1e-5, atol=1e-6)
-
-
-@multi_process(2, timeout=120)
-def test_replica_scope_under_fsdp2(rank, world_size):
-    from torch.distributed.fsdp import fully_shard
-
-    idx = tokens()
-    mine = idx[rank * 2:(rank + 1) * 2]
-    specs = replica_specs()
-    out_ref, seen, _ = _reference(tiny_gpt(), mine, specs)
-    model = tiny_gpt()
-    for block in model.layers:
-        fully_shard(block)
-    fully_shard(model)
-    got = {}
-    flex = FlexModel(model, got, scope="replica")
-    register(flex, specs)
-    out = flex(mine)
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
-    (lm_loss_sum(out, mine) / (mine.numel() - mine.shape[0])).backward()
-    check_capture_dict(got, seen)
-    assert flex.comm_stats()["replica_collectives"] == 0
-    flex.restore()
