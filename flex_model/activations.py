@@ -156,12 +156,7 @@ def dump_activations(flex: FlexModel, loader: Iterable, out_dir: Union[str, os.P
         done = _from_owner(flex, done)  # every rank skips the same batches
         handles = [flex.register(HookFunction(n, unpack_idx=unpack_idx, scope="global"), hook_type) for n in names]
         pending: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
-        bar = tqdm(loader, desc=f"dump → {out}", unit="batch", disable=not (is_owner and progress))
-        meter = _Throughput(bar)
-        batches = _agreed(flex, iter(bar))
-        skipped = sum(1 for _ in zip(range(done), batches))  # drawn from the loader, not run
-        if done:
-            _check_loader_length(flex, out, done, skipped)
+        bar, meter, batches = _batches_after(flex, loader, out, done, is_owner and progress)
         first = stop = done
         problem: Optional[Exception] = None
         for index, batch in enumerate(batches, start=done):
@@ -274,6 +269,18 @@ def _raise_everywhere(flex: FlexModel, error: Optional[BaseException], doing: st
     if is_owner:
         raise error  # type: ignore[misc]
     raise _KINDS[kind - 1](f"the owner rank {layout.owner} {doing}: {text}")
+
+
+def _batches_after(flex: FlexModel, loader: Iterable, out: Path, done: int,
+                   show: bool) -> Tuple[Any, "_Throughput", Iterator[Any]]:
+    """The progress bar, its throughput meter, and the loader's batches after the ``done`` already on disk
+    (those are drawn and dropped; every rank raises if any rank's loader ran out before them)."""
+    bar = tqdm(loader, desc=f"dump → {out}", unit="batch", disable=not show)
+    batches = _agreed(flex, iter(bar))
+    skipped = sum(1 for _ in zip(range(done), batches))  # drawn from the loader, not run
+    if done:
+        _check_loader_length(flex, out, done, skipped)
+    return bar, _Throughput(bar), batches
 
 
 _HAVE, _DONE, _FAILED = 1, 2, 3
@@ -709,12 +716,7 @@ def _dump_parallel(flex: FlexModel, loader: Iterable, out: Path, names: List[str
                                               scope="replica"), hook_type) for n in names]
         pending: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
         rows: List[int] = []  # the replica's rows in each pending batch
-        bar = tqdm(loader, desc=f"dump → {out}", unit="batch", disable=not (is_owner and progress))
-        meter = _Throughput(bar)
-        batches = _agreed(flex, iter(bar))
-        skipped = sum(1 for _ in zip(range(done), batches))  # drawn from the loader, not run
-        if done:
-            _check_loader_length(flex, out, done, skipped)
+        bar, meter, batches = _batches_after(flex, loader, out, done, is_owner and progress)
         first = stop = done
         problem: Optional[Exception] = None
         for step, batch in enumerate(batches, start=done):
