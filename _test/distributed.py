@@ -463,3 +463,18 @@ def check_shard_grads(par: nn.Module, ref: nn.Module, dims: Dict[str, Optional[i
 def ddp_grads(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The gradients of a DDP-wrapped model's parameters, by unwrapped name."""
     return {n: p.grad.detach().clone() for n, p in model.module.named_parameters() if p.grad is not None}
+
+
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def module_state(model: nn.Module) -> dict:
+    """Every torch hook dict of every module and parameter, each module's replaced ``forward`` (a framework's
+    parallel plan installs one per sharded module) and plain attributes: what ``restore()`` must leave as
+    found."""
+    hooks = {(n, d): dict(getattr(m, d)) for n, m in model.named_modules() for d in HOOK_DICTS}
+    params = {n: dict(p._backward_hooks or {}) for n, p in model.named_parameters()}
+    attrs = {n: {k: v for k, v in vars(m).items() if v is None or isinstance(v, (bool, int, float, str))
+                 or k == "forward"} for n, m in model.named_modules()}
+    return {"hooks": hooks, "params": params, "attrs": attrs}

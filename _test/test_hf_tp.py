@@ -25,25 +25,12 @@ import torch
 from torch.testing import assert_close
 from transformers import LlamaForCausalLM  # at collection: every forked rank shares it, the docs' HF block too
 
-from _test.distributed import HookSpec, check_capture_dict, fixed, lm_loss_sum, reference_run, register, run_ranks
+from _test.distributed import (HookSpec, check_capture_dict, fixed, lm_loss_sum, module_state, reference_run, register,
+                               run_ranks)
 from _test.models import HF_TP_DIM, HF_TP_VOCAB, save_hf_llama
 from flex_model import FlexModel
 
 B, T = 4, 8  # global batch, sequence
-
-HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-
-
-def module_state(model: torch.nn.Module) -> dict:
-    """Every torch hook dict of every module and parameter, each module's replaced ``forward`` (transformers
-    installs one per sharded module) and plain attributes: what ``restore()`` must leave as found."""
-    hooks = {(n, d): dict(getattr(m, d)) for n, m in model.named_modules() for d in HOOK_DICTS}
-    params = {n: dict(p._backward_hooks or {}) for n, p in model.named_parameters()}
-    attrs = {n: {k: v for k, v in vars(m).items() if v is None or isinstance(v, (bool, int, float, str))
-                 or k == "forward"} for n, m in model.named_modules()}
-    return {"hooks": hooks, "params": params, "attrs": attrs}
-
 
 def specs(fsdp: bool) -> List[HookSpec]:
     """A colwise output (q_proj: each rank's heads), a rowwise input and output (o_proj), a whole MLP's

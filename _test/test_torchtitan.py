@@ -27,27 +27,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from _test.distributed import HookSpec, check_capture_dict, fixed, lm_loss_sum, reference_run, register, run_ranks
+from _test.distributed import (HookSpec, check_capture_dict, fixed, lm_loss_sum, module_state, reference_run, register,
+                               run_ranks)
 from _test.models import (TITAN_DIM, TITAN_HEADS, TITAN_HIDDEN, TITAN_KV_HEADS, TITAN_VOCAB, import_torchtitan,
                           titan_llama, titan_parallel_llama)
 from flex_model import FlexModel
 
 B, T = 4, 8  # global batch, sequence
 QKV = TITAN_KV_HEADS * (TITAN_HEADS // TITAN_KV_HEADS + 2) * (TITAN_DIM // TITAN_HEADS)  # fused wqkv's width, 64
-
-HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-
-
-def module_state(model: torch.nn.Module) -> dict:
-    """Every torch hook dict of every module and parameter, each module's replaced ``forward`` (torchtitan
-    installs one per sharded module) and plain attributes: what ``restore()`` must leave as found."""
-    hooks = {(n, d): dict(getattr(m, d)) for n, m in model.named_modules() for d in HOOK_DICTS}
-    params = {n: dict(p._backward_hooks or {}) for n, p in model.named_parameters()}
-    attrs = {n: {k: v for k, v in vars(m).items() if v is None or isinstance(v, (bool, int, float, str))
-                 or k == "forward"} for n, m in model.named_modules()}
-    return {"hooks": hooks, "params": params, "attrs": attrs}
-
 
 def specs() -> List[HookSpec]:
     """Hooks on every kind of value torchtitan's TP plan leaves: a colwise output (fused qkv, Shard(-1)), a
