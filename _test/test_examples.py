@@ -1,13 +1,15 @@
 """Runs each example's ``--smoke`` mode as a user would (``python examples/x.py --smoke``) and checks its output.
 
-quickstart, megatron_fairscale and dump_activations spawn their own 2 CPU
-ranks and check themselves against the same model on one process;
-induction_heads runs on one process. Here we check that each exits 0, printed
-its checks and left nothing behind: each runs from the repository root (as a
+quickstart, megatron_fairscale, dump_activations, logit_lens,
+activation_patching and steering spawn their own 2 CPU ranks and check
+themselves against the same model on one process; induction_heads runs on
+one process. Here we check that each exits 0, printed its checks and left
+nothing behind: each runs from the repository root (as a
 user would) with its own empty ``TMPDIR``; afterwards that folder is empty
 again, and no file was added to the repository root nor added or changed
 under docs/ or examples/.
-About 5-15 s each on 2 idle cores (induction_heads: 20 s of training + ~10 s).
+About 5-15 s each on 2 idle cores (induction_heads: 20 s of training + ~10 s; logit_lens,
+activation_patching, steering: ~30 s each on 2 busy cores, mostly imports).
 """
 from __future__ import annotations
 
@@ -92,3 +94,38 @@ def test_dump_activations_default_temp_folder_is_removed(tmp_path):
     out = run_example("dump_activations.py", "--smoke", tmp_root=tmp_path)
     assert "model.layers.0.mlp match a single process: True" in out, out
     assert f"removed the temp folder {tmp_path / 'TMPDIR'}{os.sep}flex_acts_" in out, out
+
+
+def test_logit_lens_smoke(tmp_path):
+    """2 ranks (DDP): a few training steps, the lens over every block's resid_post, one figure (--out)."""
+    pytest.importorskip("matplotlib", reason="logit_lens.py saves a PNG with matplotlib (the examples extra)")
+    pngs = tmp_path / "pngs"
+    out = run_example("logit_lens.py", "--smoke", "--out", str(pngs), tmp_root=tmp_path)
+    assert "stacked (4, 8, 12, 32)" in out, out
+    assert out.count("resid_post: correct-token probability first half") == 4, out
+    assert "matches one process: True" in out, out
+    assert f"wrote {pngs / 'logit_lens.png'}" in out, out
+    assert (pngs / "logit_lens.png").stat().st_size > 0
+
+
+def test_activation_patching_smoke(tmp_path):
+    """2 ranks (DDP): patching_sweep over blocks x positions; without --out the temp folder is removed."""
+    pytest.importorskip("matplotlib", reason="activation_patching.py saves a PNG with matplotlib (the examples extra)")
+    out = run_example("activation_patching.py", "--smoke", tmp_root=tmp_path)
+    assert "Sweep(4 names x 7 positions" in out, out
+    assert "largest recovered logit difference: blocks.0.resid_pre at position" in out, out
+    assert "matches one process: True" in out, out
+    assert f"removed the temp folder {tmp_path / 'TMPDIR'}{os.sep}flex_patching_" in out, out
+
+
+def test_steering_smoke(tmp_path):
+    """2 ranks (DDP): a steering vector from run_with_cache, added on every step of flex.generate."""
+    pytest.importorskip("matplotlib", reason="steering.py saves a PNG with matplotlib (the examples extra)")
+    pngs = tmp_path / "pngs"
+    out = run_example("steering.py", "--smoke", "--out", str(pngs), tmp_root=tmp_path)
+    assert "steering vector at blocks.1.resid_post" in out, out
+    assert "unsteered continuation:" in out and "steered (scale 1):" in out, out
+    assert "scale 0.00: target-topic token frequency" in out and "scale 1.00: target-topic token frequency" in out
+    assert "matches one process: True" in out, out
+    assert f"wrote {pngs / 'steering.png'}" in out, out
+    assert (pngs / "steering.png").stat().st_size > 0
