@@ -98,8 +98,8 @@ def main(smoke: bool, out: str | None) -> None:
     resid = cache.stack("resid_post")  # (layers, batch, pos, d_model): every rank's rows
     print(f"cached {cache.layer_names('resid_post')}: stacked {tuple(resid.shape)}")
     p = lens(resid, model, tokens)  # (layers, pos - 1)
-    second = slice(half - 1, None)  # predicting tokens half+1 .. 2*half: copyable
-    first = slice(0, half - 1)
+    second = slice(half, None)  # positions half .. 2*half-2 predict the copies r[1:]: copyable (and trained on)
+    first = slice(0, half - 1)  # predicting r[1:] the first time: not predictable
     for i in range(n_layer):
         print(f"layer {i} resid_post: correct-token probability first half {p[i, first].mean():.3f}, "
               f"second half {p[i, second].mean():.3f}")
@@ -130,7 +130,7 @@ def main(smoke: bool, out: str | None) -> None:
     try:
         fig, ax = plt.subplots(figsize=(8, 3))
         im = ax.imshow(p.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
-        ax.axvline(half - 1.5, color="white", lw=1, ls="--")
+        ax.axvline(half - 0.5, color="white", lw=1, ls="--")
         ax.set_xlabel("position (predicting the next token)")
         ax.set_ylabel("block (resid_post)")
         ax.set_yticks(range(n_layer))

@@ -67,7 +67,7 @@ def main(smoke: bool, out: str | None) -> None:
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     n_layer, n_embd, steps, batch = (2, 32, 5, 16) if smoke else (2, 64, 150, 32)
-    scales = [0.0, 1.0] if smoke else [0.0, 0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 1.0]
+    scales = [0.0, 1.0] if smoke else [0.0, 0.2, 0.4, 0.44, 0.46, 0.47, 0.48, 0.49, 0.5, 0.6, 1.0]
     model = build_gpt2(n_layer, n_embd)
 
     ddp = DDP(model)  # train: each rank its own rows, gradients averaged
