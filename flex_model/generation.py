@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from flex_model.cache import NamesFilter, Recorder, note_on_failure, select_names
@@ -274,8 +273,8 @@ def generate(flex: FlexModel, *args: Any, hooks: Union[HookSpec, Sequence[HookSp
     model = generating_module(flex.module)
     hook_specs = _hook_specs(hooks)
     names = select_names(flex, capture) if capture is not None else []
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(flex.process_group) > 1:
-        generate_kwargs.setdefault("synced_gpus", True)  # every rank runs the same number of passes
+    if not flex.layout.is_single:
+        generate_kwargs.setdefault("synced_gpus", True)  # every rank of the layout runs the same number of passes
     had_context = hasattr(flex.save_ctx, "generation")
     previous = getattr(flex.save_ctx, "generation", None)
     with ExitStack() as stack:
