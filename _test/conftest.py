@@ -22,5 +22,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
         return
     skip = pytest.mark.skip(reason="slow: set FLEX_SLOW=1 to run it")
     for item in items:
-        if "slow" in item.keywords:
+        if item.get_closest_marker("slow") is not None:
             item.add_marker(skip)
