@@ -45,9 +45,9 @@ The full cross product, and hypothesis-drawn sequences of faults at random passe
 
 Also here: a rank that dies (``os._exit(1)``) mid-pass, with a runner of our own that gives
 the process group a timeout; a dump whose loader raises on one rank; a hung rank under
-flex_model's own process groups (they take the job's timeout); and the known gaps as strict
-xfails (a dump whose ``run`` raises on one rank before its forward; a dump under pipeline
-stages whose first stage fails in its backward).
+flex_model's own process groups (they take the job's timeout); a dump under pipeline stages
+whose first stage fails in its backward; and the known gap as a strict xfail (a dump whose
+``run`` raises on one rank before its forward).
 """
 from __future__ import annotations
 
@@ -129,8 +129,8 @@ def valid(layout: str, f: Fault) -> bool:
     if f.firing == "dump" and f.where != "unpack":
         return False  # dump_activations takes no expected_shape (a loader failing on one rank: tested below)
     if f.firing == "dump" and layout.startswith("pp") and stage_of(layout, f.rank) == 0 and f.hook in GRAD_HOOKS:
-        return False  # stage 1 is done when stage 0's backward fails: it waits in the dump's next collective
-        # (gather_pipeline_outputs): test_a_dump_whose_first_stage_fails_in_its_backward, a strict xfail
+        return False  # stage 1 is done when stage 0's backward fails: the dump's agreement after `run` tells
+        # it (test_a_dump_whose_first_stage_fails_in_its_backward)
     if f.firing == "edit" and f.where == "late" and f.rank != stage_root(layout, stage_of(layout, f.rank)):
         return False  # an editing function runs on its stage's root only
     return True
@@ -486,6 +486,10 @@ def expect_failure(case: Case, fault: Fault, call: Callable[[], object]) -> None
     what = f"{fault} on rank {case.rank}"
     assert elapsed < LIMIT_S, f"{what}: took {elapsed:.1f}s to return"
     if not case.fires(fault):
+        if fault.firing == "dump":  # a dump agrees on every batch over the whole job: the other stage is told
+            told = isinstance(error, RuntimeError) and f"failed on rank {fault.rank}" in str(error)
+            assert told or isinstance(error, PeerStageFailed), f"{what}: {error!r}"
+            return
         assert error is None or isinstance(error, PeerStageFailed), f"{what}: {error!r}"
         return
     if case.rank == fault.rank:
@@ -667,10 +671,6 @@ def _dump_loader_body(rank: int, world_size: int, broken: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="dump_activations under pipeline stages: when stage 0's backward fails "
-                   "in `run` (here its dump hook's unpack_idx), stage 1 has finished `run` and waits in "
-                   "gather_pipeline_outputs for a stage-0 root that left the dump: nothing agrees on `run`'s "
-                   "outcome before that collective")
 def test_a_dump_whose_first_stage_fails_in_its_backward():
     """pp=2, a full_backward dump of block0.mlp.down with a wrong unpack_idx on rank 0 (stage 0): rank 0 raises
     IndexError in its backward; rank 1 should raise too. The fault the matrix leaves out (``valid``)."""

@@ -163,7 +163,7 @@ def dump_activations(flex: FlexModel, loader: Iterable, out_dir: Union[str, os.P
             for n in names:  # entries of earlier runs would be taken for this batch's firings
                 flex.output_dict.pop(n, None)
             with torch.set_grad_enabled(HOOK_KINDS[hook_type].is_grad and torch.is_grad_enabled()):
-                run(flex, batch)
+                _run_agreed(flex, run, batch, index)
             if layout.pp > 1:
                 flex.gather_pipeline_outputs()
             for n in names:
@@ -284,6 +284,29 @@ def _batches_after(flex: FlexModel, loader: Iterable, out: Path, done: int,
 
 
 _HAVE, _DONE, _FAILED = 1, 2, 3
+
+
+def _run_agreed(flex: FlexModel, run: Callable[[FlexModel, Any], Any], batch: Any, index: int) -> None:
+    """``run(flex, batch)``, then every rank agrees it worked before the dump's next collective (a stage
+    that failed in its backward would leave the others waiting in ``gather_pipeline_outputs``). A ``run``
+    that fails on one rank while the others are still inside the forward's collectives cannot be helped:
+    nothing can agree with a rank that is not in the collective."""
+    if flex.layout.is_single:
+        run(flex, batch)
+        return
+    error = None
+    try:
+        run(flex, batch)
+    except Exception as e:
+        error = e
+    codes = gather_status(_FAILED if error is not None else _HAVE, flex.process_group)
+    if _FAILED in codes:
+        texts = gather_objects("" if error is None else f"{type(error).__name__}: {error}", flex.process_group)
+        if error is not None:
+            raise error
+        ranks = dist.get_process_group_ranks(flex.process_group or dist.group.WORLD)
+        bad = codes.index(_FAILED)
+        raise RuntimeError(f"batch {index} failed on rank {ranks[bad]}: {texts[bad]}; every rank stops the dump")
 
 
 def _agreed(flex: FlexModel, batches: Iterator[Any]) -> Iterator[Any]:
@@ -723,7 +746,7 @@ def _dump_parallel(flex: FlexModel, loader: Iterable, out: Path, names: List[str
             for r in recorders.values():
                 r.fired.clear()
             with torch.set_grad_enabled(HOOK_KINDS[hook_type].is_grad and torch.is_grad_enabled()):
-                run(flex, batch)
+                _run_agreed(flex, run, batch, step)
             if problem is None:
                 problem = mine.take(recorders, pending, rows, step)
             stop = step + 1
