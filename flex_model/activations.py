@@ -283,6 +283,17 @@ def _batches_after(flex: FlexModel, loader: Iterable, out: Path, done: int,
     return bar, _Throughput(bar), batches
 
 
+def _make_and_lock(out: Path) -> str:
+    """Create ``out`` (a dangling symlink or a file there is an error naming it) and take its lock."""
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"out_dir {out} is a symlink to {os.readlink(out)}, which does not exist: create "
+                         f"that directory, or pass another out_dir")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} exists and is not a directory; pass another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    return _acquire_lock(out / LOCK)
+
+
 _HAVE, _DONE, _FAILED = 1, 2, 3
 
 
@@ -573,13 +584,7 @@ class _ShardWriter:
         """Take the lock; load an existing index, checking the same model and hooks wrote it; return the
         batches it holds. A refusal leaves ``out_dir`` as it was (the lock is released by ``close``)."""
         out = self.out
-        if out.is_symlink() and not out.exists():
-            raise ValueError(f"out_dir {out} is a symlink to {os.readlink(out)}, which does not exist: create "
-                             f"that directory, or pass another out_dir")
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"out_dir {out} exists and is not a directory; pass another out_dir")
-        out.mkdir(parents=True, exist_ok=True)
-        self.lock_token = _acquire_lock(out / LOCK)
+        self.lock_token = _make_and_lock(out)
         done = 0
         if (out / INDEX).exists():
             old = _load_index(out / INDEX)
@@ -967,13 +972,7 @@ class _IndexWriter:
 
     def open(self) -> None:
         out = self.out
-        if out.is_symlink() and not out.exists():
-            raise ValueError(f"out_dir {out} is a symlink to {os.readlink(out)}, which does not exist: create "
-                             f"that directory, or pass another out_dir")
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"out_dir {out} exists and is not a directory; pass another out_dir")
-        out.mkdir(parents=True, exist_ok=True)
-        self.lock_token = _acquire_lock(out / LOCK)
+        self.lock_token = _make_and_lock(out)
         if self.path.exists():
             _check_provenance(out, _load_index(self.path), self.names, self.source, self.model)
 
