@@ -23,21 +23,16 @@ folder removed at the end.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import shutil
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from _figure_cli import run, save_figure
 from flex_model import FlexModel, ParallelLayout, patching_sweep
-from flex_model.launch import launch
 
 VOCAB, T = 64, 7  # prompt: A B f f f f A; answer B
 
@@ -130,28 +125,12 @@ def main(smoke: bool, out: str | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="flex_patching_"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        ax = sweep.plot(normalize=True, title="recovered logit diff (normalized)")
-        ax.set_xticks(range(T), [f"{labels[p]}{p}" for p in range(T)])
-        ax.figure.tight_layout()
-        ax.figure.savefig(out_dir / "patching.png", dpi=100)
-        plt.close(ax.figure)
-        print(f"wrote {out_dir / 'patching.png'}")
-    finally:
-        if not out:
-            shutil.rmtree(out_dir)
-            print(f"removed the temp folder {out_dir} (pass --out DIR to keep the heatmap)")
+    ax = sweep.plot(normalize=True, title="recovered logit diff (normalized)")
+    ax.set_xticks(range(T), [f"{labels[p]}{p}" for p in range(T)])
+    ax.figure.tight_layout()
+    save_figure(ax.figure, out, "patching.png")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a few training steps, a smaller model (CI)")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="folder for the heatmap, kept (default: a temp folder, removed at the end)")
-    a = parser.parse_args()
-    launch(main, nprocs=2, args=(a.smoke, a.out))
-    sys.exit(0)
+    run(main, __doc__, "a few training steps, a smaller model (CI)")

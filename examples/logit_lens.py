@@ -20,21 +20,16 @@ written to ``--out DIR``; without it, to a temp folder removed at the end.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import shutil
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from _figure_cli import run, save_figure
 from flex_model import FlexModel
-from flex_model.launch import launch
 
 VOCAB = 64
 
@@ -125,32 +120,17 @@ def main(smoke: bool, out: str | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="flex_logit_lens_"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fig, ax = plt.subplots(figsize=(8, 3))
-        im = ax.imshow(p.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
-        ax.axvline(half - 0.5, color="white", lw=1, ls="--")
-        ax.set_xlabel("position (predicting the next token)")
-        ax.set_ylabel("block (resid_post)")
-        ax.set_yticks(range(n_layer))
-        ax.set_title("logit lens: probability of the correct next token")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(out_dir / "logit_lens.png", dpi=100)
-        plt.close(fig)
-        print(f"wrote {out_dir / 'logit_lens.png'}")
-    finally:
-        if not out:
-            shutil.rmtree(out_dir)
-            print(f"removed the temp folder {out_dir} (pass --out DIR to keep the figure)")
+    fig, ax = plt.subplots(figsize=(8, 3))
+    im = ax.imshow(p.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
+    ax.axvline(half - 0.5, color="white", lw=1, ls="--")
+    ax.set_xlabel("position (predicting the next token)")
+    ax.set_ylabel("block (resid_post)")
+    ax.set_yticks(range(n_layer))
+    ax.set_title("logit lens: probability of the correct next token")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    save_figure(fig, out, "logit_lens.png")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a few training steps, a smaller model (CI)")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="folder for the figure, kept (default: a temp folder, removed at the end)")
-    a = parser.parse_args()
-    launch(main, nprocs=2, args=(a.smoke, a.out))
-    sys.exit(0)
+    run(main, __doc__, "a few training steps, a smaller model (CI)")

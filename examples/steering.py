@@ -23,21 +23,16 @@ removed at the end.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import shutil
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from _figure_cli import run, save_figure
 from flex_model import FlexModel, HookFunction, ParallelLayout
-from flex_model.launch import launch
 
 VOCAB, SEQ, PROMPT, NEW = 64, 16, 6, 10
 LAYER = "blocks.1.resid_post"
@@ -159,30 +154,15 @@ def main(smoke: bool, out: str | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="flex_steering_"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(scales, freq, marker="o")
-        ax.set_xlabel(f"steering scale (vector added at {LAYER})")
-        ax.set_ylabel("target-topic token frequency")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_title("steering topic-A prompts toward topic B")
-        fig.tight_layout()
-        fig.savefig(out_dir / "steering.png", dpi=100)
-        plt.close(fig)
-        print(f"wrote {out_dir / 'steering.png'}")
-    finally:
-        if not out:
-            shutil.rmtree(out_dir)
-            print(f"removed the temp folder {out_dir} (pass --out DIR to keep the figure)")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(scales, freq, marker="o")
+    ax.set_xlabel(f"steering scale (vector added at {LAYER})")
+    ax.set_ylabel("target-topic token frequency")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("steering topic-A prompts toward topic B")
+    fig.tight_layout()
+    save_figure(fig, out, "steering.png")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a few training steps, 2 scales (CI)")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="folder for the figure, kept (default: a temp folder, removed at the end)")
-    a = parser.parse_args()
-    launch(main, nprocs=2, args=(a.smoke, a.out))
-    sys.exit(0)
+    run(main, __doc__, "a few training steps, 2 scales (CI)")
