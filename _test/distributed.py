@@ -478,3 +478,33 @@ def module_state(model: nn.Module) -> dict:
     attrs = {n: {k: v for k, v in vars(m).items() if v is None or isinstance(v, (bool, int, float, str))
                  or k == "forward"} for n, m in model.named_modules()}
     return {"hooks": hooks, "params": params, "attrs": attrs}
+
+
+def captured_on_one_process(model: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor],
+                            batch_dim: int = 0) -> Dict[str, torch.Tensor]:
+    """One process, plain FlexModel captures of ``names`` over every batch, concatenated along ``batch_dim``:
+    the rows of a dump in global-sample order."""
+    from flex_model import FlexModel, HookFunction
+
+    out: Dict[str, List[torch.Tensor]] = {}
+    flex = FlexModel(model, out)
+    for n in names:
+        flex.register_forward_hook(HookFunction(n))
+    with torch.no_grad():
+        for b in batches:
+            flex(b)
+    return {n: torch.cat(out[n], batch_dim) for n in names}
+
+
+def check_framework_step(rank: int, model: nn.Module, got: Dict[str, List[torch.Tensor]], ref: "Result",
+                         full: Callable[[torch.Tensor], torch.Tensor], how: str) -> None:
+    """After a sharded step: every parameter's full gradient equals the reference's (then dropped), and rank 0
+    (only) holds the reference's captures."""
+    assert sorted(n for n, _ in model.named_parameters()) == sorted(ref.grads)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(full(p.grad), ref.grads[name], msg=lambda m, name=name: f"{how}: grad {name}: {m}")
+        p.grad = None
+    if rank == 0:
+        check_capture_dict(got, ref.seen)
+    else:
+        assert got == {}, f"rank {rank} stored {sorted(got)}"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from _test.distributed import run_ranks
+from _test.distributed import captured_on_one_process, run_ranks
 from _test.models import TinyGPT, lm_loss
 from flex_model import FlexModel, HookFunction
 from flex_model import activations as A
@@ -39,14 +39,7 @@ def _model() -> TinyGPT:
 
 def _reference(names=NAMES, batch_dim: int = 0) -> dict:
     """Single-process captures of every batch, concatenated along ``batch_dim``."""
-    out: dict = {}
-    flex = FlexModel(_model(), out)
-    for n in names:
-        flex.register_forward_hook(HookFunction(n))
-    with torch.no_grad():
-        for b in _batches():
-            flex(b)
-    return {n: torch.cat(out[n], batch_dim) for n in names}
+    return captured_on_one_process(_model(), names, _batches(), batch_dim)
 
 
 def _loader(rank: int, world_size: int, fail_after=None):

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from _test.distributed import run_ranks
+from _test.distributed import captured_on_one_process, run_ranks
 from _test.models import TinyGPT, fairscale_tp_gpt
-from flex_model import FlexModel, HookFunction
+from flex_model import FlexModel
 from flex_model.activations import ActivationDataset, ActivationReader, dump_activations
 
 N_BATCHES, GLOBAL_BATCH, SEQ = 5, 8, 8
@@ -42,14 +42,7 @@ def _batches() -> list:
 
 def _reference(names=NAMES) -> dict:
     """One process, full batches, plain captures: the rows in global-sample order."""
-    out: dict = {}
-    flex = FlexModel(_model(), out)
-    for n in names:
-        flex.register_forward_hook(HookFunction(n))
-    with torch.no_grad():
-        for b in _batches():
-            flex(b)
-    return {n: torch.cat(out[n]) for n in names}
+    return captured_on_one_process(_model(), names, _batches())
 
 
 def _loader(replica: int, replicas: int, fail_after=None, n=N_BATCHES):

@@ -25,7 +25,7 @@ import torch
 from torch.testing import assert_close
 from transformers import LlamaForCausalLM  # at collection: every forked rank shares it, the docs' HF block too
 
-from _test.distributed import (HookSpec, check_capture_dict, fixed, lm_loss_sum, module_state, reference_run, register,
+from _test.distributed import (HookSpec, check_framework_step, fixed, lm_loss_sum, module_state, reference_run, register,
                                run_ranks)
 from _test.models import HF_TP_DIM, HF_TP_VOCAB, save_hf_llama
 from flex_model import FlexModel
@@ -112,14 +112,7 @@ def _hf_tp_body(rank: int, world_size: int, path: str, hows: tuple) -> None:
         assert_close(out.detach(), ref.out[rows], msg=lambda m: f"{how}: logits: {m}")
         assert not torch.allclose(out.detach(), plain[rows]), "the edits did not change the output"
         (lm_loss_sum(out, idx[rows]) * dp / (idx.numel() - B)).backward()  # FSDP2 averages over dp
-        assert sorted(n for n, _ in model.named_parameters()) == sorted(ref.grads)
-        for name, p in model.named_parameters():
-            assert_close(full(p.grad), ref.grads[name], msg=lambda m, name=name: f"{how}: grad {name}: {m}")
-            p.grad = None
-        if rank == 0:
-            check_capture_dict(got, ref.seen)
-        else:
-            assert got == {}, f"rank {rank} stored {sorted(got)}"
+        check_framework_step(rank, model, got, ref, full, how)
         for name in ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.o_proj.weight", "lm_head.weight"]:
             assert_close(flex.get_module_parameter(name), ref_model.get_parameter(name),  # collective
                          msg=lambda m, name=name: f"{how}: {name}: {m}")

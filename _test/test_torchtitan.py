@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from _test.distributed import (HookSpec, check_capture_dict, fixed, lm_loss_sum, module_state, reference_run, register,
+from _test.distributed import (HookSpec, check_framework_step, fixed, lm_loss_sum, module_state, reference_run, register,
                                run_ranks)
 from _test.models import (TITAN_DIM, TITAN_HEADS, TITAN_HIDDEN, TITAN_KV_HEADS, TITAN_VOCAB, import_torchtitan,
                           titan_llama, titan_parallel_llama)
@@ -89,14 +89,7 @@ def _titan_body(rank: int, world_size: int, tp: int, dp: int, sequence_parallel:
         assert_close(full(out).detach(), ref.out[rows])
         assert not torch.allclose(full(out).detach(), plain[rows]), "the edits did not change the output"
         (lm_loss_sum(full(out), idx[rows]) / (idx.numel() - B)).backward()  # FSDP2 sums over dp: the global mean
-        assert sorted(n for n, _ in model.named_parameters()) == sorted(ref.grads)
-        for name, p in model.named_parameters():
-            assert_close(full(p.grad), ref.grads[name], msg=lambda m, name=name: f"{how}: grad {name}: {m}")
-            p.grad = None
-        if rank == 0:
-            check_capture_dict(got, ref.seen)
-        else:
-            assert got == {}, f"rank {rank} stored {sorted(got)}"
+        check_framework_step(rank, model, got, ref, full, how)
         weight = flex.get_module_parameter("layers.0.feed_forward.w1.weight")  # collective: the full weight
         assert weight.shape == (TITAN_HIDDEN, TITAN_DIM)
         assert_close(weight, ref_model.get_parameter("layers.0.feed_forward.w1.weight"))
